@@ -1,0 +1,73 @@
+"""LLM: the synchronous Python API (DESIGN 1.4). Batches every prompt through one continuous-batching
+engine and returns the finished outputs in prompt order."""
+
+from __future__ import annotations
+
+import itertools
+
+from tqdm import tqdm
+
+from ember.engine.llm_engine import LLMEngine
+from ember.outputs import RequestOutput
+from ember.sampling_params import SamplingParams
+
+
+def _as_prompt_list(prompts) -> list:
+    if isinstance(prompts, str):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and isinstance(prompts[0], int):
+        return [prompts]  # one prompt given as token ids
+    return prompts
+
+
+class LLM:
+    """`LLM(source, **overrides)`: source is a YAML config, a model dir, a .gguf, an engine dir, an
+    EngineConfig, or None for the default model; keyword arguments override config fields."""
+
+    def __init__(self, source=None, **overrides):
+        from ember.config import EngineConfig, load_config
+
+        cfg = source if isinstance(source, EngineConfig) and not overrides else load_config(source, **overrides)
+        self.config = cfg
+        self.engine = LLMEngine(cfg)
+        self.tokenizer = self.engine.tokenizer
+        self._ids = itertools.count()
+
+    @property
+    def chat_template(self) -> str | None:
+        return self.engine.setup.chat_template
+
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        prompts = _as_prompt_list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
+        order = {}
+        for prompt, p in zip(prompts, params):
+            rid = f"llm-{next(self._ids)}"
+            order[rid] = len(order)
+            self.engine.add_request(rid, prompt, p)
+        results: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(prompts), desc="generating", disable=not use_tqdm)
+        while len(results) < len(order):
+            for out in self.engine.step():
+                if out.finished and out.request_id in order:
+                    results[out.request_id] = out
+                    bar.update(1)
+        bar.close()
+        return [results[rid] for rid in sorted(results, key=order.__getitem__)]
+
+    def chat(self, messages, sampling_params: SamplingParams | None = None, *, tools=None,
+             add_generation_prompt: bool = True, use_tqdm: bool = False) -> list[RequestOutput]:
+        """`messages`: one conversation (a list of {role, content}) or a list of conversations."""
+        from ember.server.chat import render_chat
+
+        convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = [render_chat(self.chat_template, conv, self.tokenizer, add_generation_prompt=add_generation_prompt,
+                               tools=tools) for conv in convs]
+        token_prompts = [self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+        return self.generate(token_prompts, sampling_params, use_tqdm=use_tqdm)

@@ -1,0 +1,79 @@
+"""Everything the engine derives once from the config at start-up: checkpoint, tokenizer, model
+runner, KV cache size, scheduler. Run-time values (number of KV blocks, eos ids, context length) live
+in `EngineSetup`, not in the config (STYLE habit 1)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from ember.checkpoint.loader import load_checkpoint, resolve_checkpoint_path
+from ember.core.block_manager import BlockManager
+from ember.core.scheduler import Scheduler
+from ember.worker.device import resolve_device, resolve_dtype
+from ember.worker.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineSetup:
+    checkpoint: object  # ember.checkpoint Checkpoint
+    tokenizer: object  # transformers PreTrainedTokenizerFast
+    chat_template: str | None
+    runner: ModelRunner
+    scheduler: Scheduler
+    max_model_len: int  # prompt + output tokens
+    num_kv_blocks: int
+    block_size: int
+    eos_token_ids: list[int]
+    device: torch.device
+    dtype: torch.dtype
+
+
+def _num_kv_blocks(cfg, runner: ModelRunner, device: torch.device, max_model_len: int, max_batch_size: int) -> int:
+    rt, em = cfg.trt_llm.runtime, cfg.ember
+    fraction = rt.kv_cache_free_gpu_mem_fraction if rt.kv_cache_free_gpu_mem_fraction is not None else 0.9
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = int(free * fraction)
+    else:
+        host = em.kv_cache_memory_bytes or rt.kv_cache_host_memory_bytes or (1 << 30)
+        budget = int(host * fraction)
+    per_block = runner.bytes_per_block()
+    bs = runner.block_size
+    # never more than the batch can use at once: every running sequence at full length
+    useful = max_batch_size * (-(-max_model_len // bs) + 1)
+    num = min(budget // per_block, useful)
+    if num < -(-max_model_len // bs):
+        logger.warning("KV budget of %d bytes holds %d blocks, fewer than one full-length sequence needs", budget, num)
+    return max(1, int(num))
+
+
+def build_engine_setup(cfg) -> EngineSetup:
+    build, rt, em = cfg.trt_llm.build, cfg.trt_llm.runtime, cfg.ember
+    repo = build.checkpoint_repository
+    path = resolve_checkpoint_path(repo.source if repo else "LOCAL", repo.repo if repo else None,
+                                   repo.revision if repo else None)
+    ckpt = load_checkpoint(path)
+    device = resolve_device(em.device)
+    dtype = resolve_dtype(em.dtype, device)
+    if em.num_threads:
+        torch.set_num_threads(em.num_threads)
+    tokenizer = ckpt.load_tokenizer()
+    runner = ModelRunner(ckpt, dtype, device, em.block_size)
+    model_max = int(getattr(ckpt, "max_position_embeddings", None) or getattr(ckpt.hf_config, "max_position_embeddings", 0) or 2048)
+    max_model_len = min(build.max_seq_len, model_max) if build.max_seq_len else model_max
+    max_batch_size = build.max_batch_size
+    num_blocks = _num_kv_blocks(cfg, runner, device, max_model_len, max_batch_size)
+    runner.allocate_kv_cache(num_blocks)
+    block_manager = BlockManager(num_blocks, em.block_size, em.enable_prefix_caching)
+    scheduler = Scheduler(block_manager, max_num_tokens=build.max_num_tokens, max_batch_size=max_batch_size,
+                          max_seq_len=max_model_len, policy=rt.batch_scheduler_policy,
+                          enable_chunked_prefill=rt.enable_chunked_context, max_queue_size=em.max_queue_size)
+    logger.info("engine: %s (%s) on %s in %s, %d KV blocks of %d tokens, context %d",
+                ckpt.architecture, path, device, dtype, num_blocks, em.block_size, max_model_len)
+    return EngineSetup(ckpt, tokenizer, ckpt.chat_template, runner, scheduler, max_model_len, num_blocks,
+                       em.block_size, list(ckpt.eos_token_ids), device, dtype)
