@@ -141,14 +141,15 @@ class RotaryEmbedding(nn.Module):
             idx = positions
         return self.cos_cache[idx].unsqueeze(1), self.sin_cache[idx].unsqueeze(1)
 
-    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x [T, H, head_dim] -> rotated copy [T, H, head_dim]."""
-        r = self.rotary_dim
-        if r == self.head_dim:
-            return torch.addcmul(x * cos, torch.roll(x, r // 2, dims=-1), sin)
-        xr = x[..., :r]
-        out = torch.addcmul(xr * cos, torch.roll(xr, r // 2, dims=-1), sin)
-        return torch.cat([out, x[..., r:]], dim=-1)
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, H, head_dim] with cos/sin [T, 1, rotary_dim] from `cos_sin` -> rotated copy [T, H, head_dim]."""
+    r = cos.shape[-1]
+    if r == x.shape[-1]:
+        return torch.addcmul(x * cos, torch.roll(x, r // 2, dims=-1), sin)
+    xr = x[..., :r]  # partial rotary: the tail of each head passes through
+    out = torch.addcmul(xr * cos, torch.roll(xr, r // 2, dims=-1), sin)
+    return torch.cat([out, x[..., r:]], dim=-1)
 
 
 def get_rope(hf_config, head_dim: int, *, dtype, device) -> RotaryEmbedding:

@@ -56,6 +56,7 @@ class Sampler:
         if meta.banned_token_ids:
             rows, cols = _ragged_index(meta.banned_token_ids)
             if rows:
+                logits = logits.clone()  # never write into the caller's tensor
                 logits[rows, cols] = _NEG_INF
         greedy = logits.argmax(dim=-1)
         if meta.is_all_greedy:

@@ -1,0 +1,17 @@
+"""`ember bench`: the one benchmark harness (offline; serving comes with the server)."""
+
+from __future__ import annotations
+
+import argparse
+
+from ember.bench import offline
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ember bench", description="ember benchmarks")
+    sub = parser.add_subparsers(dest="mode", required=True)
+    offline.add_args(sub.add_parser("offline", help="N prompts through the engine vs transformers generate"))
+    args = parser.parse_args(argv)
+    if args.mode == "offline":
+        offline.main(args)
+    return 0

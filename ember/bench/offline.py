@@ -1,0 +1,138 @@
+"""`ember bench offline`: N prompts of fixed input/output lengths through ember, and the same workload
+through transformers `generate` (batched, left-padded, same dtype and max tokens) in the same run."""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import random
+import sys
+import time
+
+import torch
+
+from ember.bench.hardware import copy_bandwidth_gbs
+from ember.sampling_params import SamplingParams
+
+
+def make_prompts(vocab_size: int, num_prompts: int, input_len: int, seed: int, special_ids: set[int]) -> list[list[int]]:
+    rng = random.Random(seed)
+    allowed = [t for t in range(min(vocab_size, 32000)) if t not in special_ids]
+    return [[rng.choice(allowed) for _ in range(input_len)] for _ in range(num_prompts)]
+
+
+def run_ember(llm, prompts: list[list[int]], output_len: int) -> dict:
+    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    llm.generate([prompts[0][:8]], SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=sys.stderr.isatty())
+    elapsed = time.perf_counter() - t0
+    num_out = sum(len(o.token_ids) for o in outs)
+    ttfts = [o.metrics.ttft for o in outs if o.metrics.ttft is not None]
+    return {"elapsed_s": elapsed, "output_tokens": num_out, "output_tok_s": num_out / elapsed,
+            "requests_s": len(prompts) / elapsed, "mean_ttft_s": sum(ttfts) / max(1, len(ttfts)),
+            "token_ids": [o.token_ids for o in outs]}
+
+
+def build_hf_model(llm):
+    """A transformers model holding the same weights as the ember engine, in the same dtype."""
+    from transformers import AutoModelForCausalLM
+
+    setup = llm.engine.setup
+    ckpt = setup.checkpoint
+    model = AutoModelForCausalLM.from_config(ckpt.hf_config, dtype=setup.dtype)
+    state = {name: t.to(setup.dtype) for name, t in ckpt.iter_weights()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if "lm_head" not in m or not getattr(ckpt.hf_config, "tie_word_embeddings", False)]
+    if missing or unexpected:
+        raise RuntimeError(f"transformers baseline: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if getattr(ckpt.hf_config, "tie_word_embeddings", False):
+        model.tie_weights()
+    return model.eval()
+
+
+@torch.inference_mode()
+def run_hf(model, prompts: list[list[int]], output_len: int, batch_size: int, pad_id: int) -> dict:
+    def one_batch(batch):
+        width = max(len(p) for p in batch)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.int64)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(batch):  # left padding
+            ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=output_len, min_new_tokens=output_len,
+                             do_sample=False, pad_token_id=pad_id)
+        return out.shape[0] * (out.shape[1] - width)
+
+    one_batch([prompts[0][:8]])  # warm-up
+    t0 = time.perf_counter()
+    num_out = sum(one_batch(prompts[i:i + batch_size]) for i in range(0, len(prompts), batch_size))
+    elapsed = time.perf_counter() - t0
+    return {"elapsed_s": elapsed, "output_tokens": num_out, "output_tok_s": num_out / elapsed,
+            "requests_s": len(prompts) / elapsed}
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=None, help="config YAML, model dir, .gguf or engine dir (default model if omitted)")
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--input-len", type=int, default=32)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--baseline", choices=["hf", "none"], default="hf")
+    p.add_argument("--hf-batch-size", type=int, default=None, help="transformers batch size (default: all prompts)")
+    p.add_argument("--max-batch-size", type=int, default=None)
+    p.add_argument("--json", action="store_true", help="print machine-readable results")
+
+
+def main(args: argparse.Namespace) -> dict:
+    from ember import LLM
+
+    overrides = {"dtype": args.dtype}
+    if args.max_batch_size:
+        overrides["max_batch_size"] = args.max_batch_size
+    llm = LLM(args.model, **overrides)
+    setup = llm.engine.setup
+    tok = llm.tokenizer
+    special = set(getattr(tok, "all_special_ids", []) or [])
+    prompts = make_prompts(llm.engine.runner.vocab_size, args.num_prompts, args.input_len, args.seed, special)
+    bw = copy_bandwidth_gbs()
+    weight_bytes = sum(p.numel() * p.element_size() for p in llm.engine.runner.model.parameters())
+    ember_res = run_ember(llm, prompts, args.output_len)
+    res = {"model": str(setup.checkpoint.path), "dtype": str(setup.dtype).replace("torch.", ""),
+           "num_prompts": args.num_prompts, "input_len": args.input_len, "output_len": args.output_len,
+           "threads": torch.get_num_threads(), "copy_bandwidth_gbs": bw, "weight_bytes": weight_bytes,
+           "ember": {k: v for k, v in ember_res.items() if k != "token_ids"}}
+    if args.num_prompts == 1:
+        # batch-1 decode streams the weights once per step: the share of the copy bandwidth it reaches
+        step_s = ember_res["elapsed_s"] / max(1, args.output_len)
+        res["ember"]["bandwidth_share"] = (weight_bytes / step_s) / (bw * 1e9 / 2)
+    if args.baseline == "hf":
+        gc.collect()
+        hf_model = build_hf_model(llm)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (setup.eos_token_ids[0] if setup.eos_token_ids else 0)
+        hf_res = run_hf(hf_model, prompts, args.output_len, args.hf_batch_size or args.num_prompts, pad)
+        res["transformers"] = hf_res
+        res["ratio_vs_transformers"] = ember_res["output_tok_s"] / hf_res["output_tok_s"]
+    print_table(res)
+    if args.json:
+        print(json.dumps(res, indent=2))
+    return res
+
+
+def print_table(res: dict) -> None:
+    rows = [("ember", res["ember"])]
+    if "transformers" in res:
+        rows.append(("transformers", res["transformers"]))
+    print(f"\nmodel {res['model']}  dtype {res['dtype']}  threads {res['threads']}  "
+          f"{res['num_prompts']} prompts x ({res['input_len']} in, {res['output_len']} out)")
+    print(f"{'engine':<14}{'out tok/s':>12}{'req/s':>10}{'mean TTFT s':>14}{'elapsed s':>12}")
+    for name, r in rows:
+        ttft = f"{r['mean_ttft_s']:.3f}" if "mean_ttft_s" in r else "-"
+        print(f"{name:<14}{r['output_tok_s']:>12.1f}{r['requests_s']:>10.2f}{ttft:>14}{r['elapsed_s']:>12.2f}")
+    if "ratio_vs_transformers" in res:
+        print(f"ember / transformers: {res['ratio_vs_transformers']:.2f}x")
+    if "bandwidth_share" in res["ember"]:
+        print(f"copy bandwidth {res['copy_bandwidth_gbs']:.1f} GB/s; weights {res['weight_bytes'] / 1e6:.0f} MB; "
+              f"batch-1 decode reaches {100 * res['ember']['bandwidth_share']:.0f}% of the weight-streaming limit")

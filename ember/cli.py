@@ -1,0 +1,148 @@
+"""`ember`: the command line (DESIGN 1.2). The only place in ember that reads environment variables.
+
+Every command builds its `EngineConfig` with `load_config` and passes it down; engine modules are
+imported lazily, so `ember check` and `ember --help` start fast and need no torch.
+Exit codes: 0 ok, 1 runtime failure, 2 invalid config or usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from ember.errors import ConfigError
+
+API_KEY_ENV = "EMBER_API_KEY"  # read only here, so the key need not appear in argv (ps)
+
+
+def _fail(message: str, code: int) -> int:
+    print(message, file=sys.stderr)
+    return code
+
+
+def _config(source, **overrides):
+    from ember.config import load_config
+
+    return load_config(source, **overrides)
+
+
+def cmd_check(args) -> int:
+    import yaml
+
+    cfg = _config(args.config)
+    sys.stdout.write(yaml.safe_dump(cfg.normalized_dict(), sort_keys=False))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    cfg = _config(args.config, host=args.host, port=args.port, api_key=api_key)
+    try:
+        from ember.server.app import run_server
+    except ImportError as e:
+        return _fail(f"ember serve: the server is not built yet ({e})", 1)
+    run_server(cfg)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    cfg = _config(args.config, dtype=args.dtype, device=args.device)
+    from ember import LLM, SamplingParams
+
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
+    llm = LLM(cfg)
+    start = time.perf_counter()
+    if args.raw:
+        out = llm.generate([args.prompt], params)[0]
+    else:
+        out = llm.chat([{"role": "user", "content": args.prompt}], params)[0]
+    elapsed = time.perf_counter() - start
+    print(out.text)
+    num = len(out.token_ids)
+    print(f"{num} tokens in {elapsed:.2f} s ({num / max(elapsed, 1e-9):.1f} tok/s)", file=sys.stderr)
+    return 0
+
+
+def cmd_build(args) -> int:
+    cfg = _config(args.config)
+    try:
+        from ember.build.builder import build_engine
+    except ImportError:
+        return _fail("ember build: quantized engine building is not implemented yet", 1)
+    print(build_engine(cfg, args.output))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from ember.bench.cli import main as bench_main
+
+    return int(bench_main(args.rest) or 0)
+
+
+def cmd_pull(args) -> int:
+    from ember.checkpoint.default import pull_default_model
+
+    print(pull_default_model(args.name))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ember", description="LLM engine builder and OpenAI-compatible server.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    source_help = "config.yaml, Truss dir, model dir, engine dir or .gguf (default: the default model)"
+
+    p = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
+    p.add_argument("config", nargs="?", help=source_help)
+    p.add_argument("--host", help="bind address (default: ember.host, 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default: ember.port, 8000; 0 picks a free one)")
+    p.add_argument("--api-key", help=f"require this Bearer token (default: ember.api_key, or ${API_KEY_ENV})")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("build", help="resolve, quantize and calibrate a checkpoint into an engine directory")
+    p.add_argument("config", help="config.yaml")
+    p.add_argument("-o", "--output", required=True, help="engine directory to write")
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("generate", help="one-off generation; prints the text, and its speed on stderr")
+    p.add_argument("config", nargs="?", help=source_help)
+    p.add_argument("-p", "--prompt", required=True)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("bench", help="benchmarks: `ember bench offline ...`, `ember bench serve --url ...`",
+                       add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("pull", help="fetch a known model into the local model cache")
+    p.add_argument("name", nargs="?", help="model name (default: the default model)")
+    p.set_defaults(func=cmd_pull)
+
+    p = sub.add_parser("check", help="validate a config without loading weights; prints it normalized")
+    p.add_argument("config", help="config.yaml (or a model dir / .gguf)")
+    p.set_defaults(func=cmd_check)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # everything after `bench` is the bench harness's own (its --help too)
+        args = argparse.Namespace(command="bench", func=cmd_bench, rest=argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        return _fail(f"ember {args.command}: {e}", 2)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

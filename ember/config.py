@@ -1,0 +1,683 @@
+"""The engine's one config. Pydantic models of Baseten's Engine-Builder-LLM YAML (a Truss config.yaml:
+`model_name`, `resources`, `trt_llm: {build, runtime}`) plus ember's own top-level `ember:` section.
+
+`load_config` builds an `EngineConfig` once (from a YAML file, a dict, a model/engine directory, a .gguf
+file or nothing) and validates it once; the result is passed explicitly to constructors. Values derived
+at run time (number of KV blocks, eos ids, the resolved checkpoint path) live elsewhere. Nothing here
+reads environment variables or imports torch.
+
+Every user error is a `ConfigError` with one line that names the dotted field, the bad value and what is
+allowed, e.g. `trt_llm.build.quantization_type: 'fp7' is not one of no_quant, fp8, ...`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional, Union
+
+import yaml
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ByteSize,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from ember.errors import ConfigError
+
+__all__ = [
+    "ConfigError",
+    "EngineConfig",
+    "TrtLlmConfig",
+    "BuildConfig",
+    "RuntimeConfig",
+    "EmberSection",
+    "LimitsConfig",
+    "CheckpointRepository",
+    "SpeculatorConfig",
+    "QuantizationConfig",
+    "PluginConfiguration",
+    "LoraConfiguration",
+    "Resources",
+    "load_config",
+    "parse_config",
+    "DEFAULT_MODEL_ID",
+    "QUANTIZATION_TYPES",
+]
+
+DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"  # served name of the default model (DESIGN 3)
+GiB = 1 << 30
+MiB = 1 << 20
+
+# Strict scalars: YAML `true` is not an integer, "8192" (a string) is not an integer.
+PosInt = Annotated[int, Field(strict=True, ge=1)]
+NonNegInt = Annotated[int, Field(strict=True, ge=0)]
+Bool = Annotated[bool, Field(strict=True)]
+
+
+def _show(value: Any) -> str:
+    text = repr(value) if isinstance(value, str) else str(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _choice(value: Any, allowed: tuple[str, ...], aliases: dict[str, str] = {}, rejected: dict[str, str] = {}):
+    """Validates an enum-like string: canonical names pass, aliases map to canonical ones, known but
+    unsupported names fail with their reason, anything else fails listing what is allowed."""
+    if isinstance(value, str):
+        if value in allowed:
+            return value
+        if value in aliases:
+            return aliases[value]
+        if value in rejected:
+            raise ValueError(f"{_show(value)} is not supported: {rejected[value]}")
+    raise ValueError(f"{_show(value)} is not one of {', '.join(allowed)}")
+
+
+def _literal_values(tp) -> tuple[str, ...]:
+    return typing.get_args(tp)
+
+
+class _Section(BaseModel):
+    """A strict section: unknown keys are errors (typos must not be silently ignored)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+# ---------------------------------------------------------------- trt_llm.build
+
+CheckpointSource = Literal["HF", "LOCAL", "GCS", "S3", "AZURE", "REMOTE_URL", "BASETEN_TRAINING"]
+SOURCES_SUPPORTED_HERE = ("HF", "LOCAL")
+
+
+class CheckpointRepository(_Section):
+    """Where a checkpoint (or a LoRA adapter) lives. Only HF (the local Hugging Face cache, offline) and
+    LOCAL (a directory or a .gguf file) can be read here; the others are accepted by the schema and
+    refused by `EngineConfig.validate_for_this_host`."""
+
+    source: CheckpointSource = "HF"  # Baseten's default
+    repo: Annotated[str, Field(strict=True, min_length=1)]  # HF repo id, or a path for LOCAL
+    revision: Optional[str] = None  # HF branch, tag or commit
+    runtime_secret_name: Optional[str] = None  # Baseten secret name; unused here (no network)
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def _source(cls, v):
+        return _choice(v.upper() if isinstance(v, str) else v, _literal_values(CheckpointSource))
+
+
+QUANTIZATION_TYPES = ("no_quant", "fp8", "fp8_kv", "fp4", "fp4_kv", "fp4_mlp_only", "int8", "int4")
+QuantizationType = Literal["no_quant", "fp8", "fp8_kv", "fp4", "fp4_kv", "fp4_mlp_only", "int8", "int4"]
+_QUANT_ALIASES = {"weights_int8": "int8", "weights_int4": "int4"}  # Truss's older weight-only names
+_QUANT_REJECTED = {
+    "weights_kv_int8": "an int8 KV cache is not implemented; use fp8_kv (fp8 KV cache) or int8 (weights only)",
+    "weights_int4_kv_int8": "an int8 KV cache is not implemented; use int4 (weights only) or fp8_kv",
+    "smooth_quant": "SmoothQuant (int8 activations) is not implemented; use int8 (weights only) or fp8",
+}
+
+
+class QuantizationConfig(_Section):
+    """Calibration for the quantized types that need scales (fp8_kv, fp4*)."""
+
+    calib_size: Annotated[int, Field(strict=True, ge=1, le=16384)] = 1024  # number of calibration samples
+    calib_dataset: Optional[str] = None  # local .txt/.jsonl file or built-in set name; None: ember's built-in set
+    calib_max_seq_length: Annotated[int, Field(strict=True, ge=1, le=16384)] = 2048  # tokens per sample
+
+
+class PluginConfiguration(_Section):
+    """TensorRT-LLM plugin switches, accepted for compatibility. ember's KV cache is always paged and its
+    attention always reads paged context, whatever these say."""
+
+    paged_kv_cache: Bool = True
+    use_paged_context_fmha: Bool = True
+    use_fp8_context_fmha: Bool = False
+    lora_plugin: Optional[str] = None  # older docs' LoRA plugin dtype; LoRA runs in the model dtype here
+
+
+class LoraConfiguration(_Section):
+    max_lora_rank: PosInt = 64  # rank r every adapter is padded to
+    lora_target_modules: list[str] = []  # empty: derived from the adapters' adapter_config.json
+
+
+SpecMode = Literal["LOOKAHEAD_DECODING"]
+
+
+class SpeculatorConfig(_Section):
+    """Lookahead decoding: a Jacobi window of W, n-grams of N, up to G verification candidates per step;
+    `enable_b10_lookahead` adds suffix-match prompt lookup over the whole context."""
+
+    speculative_decoding_mode: SpecMode = "LOOKAHEAD_DECODING"
+    lookahead_windows_size: Optional[PosInt] = Field(
+        None, validation_alias=AliasChoices("lookahead_windows_size", "windows_size"))  # W
+    lookahead_ngram_size: Optional[PosInt] = Field(
+        None, validation_alias=AliasChoices("lookahead_ngram_size", "ngram_size"))  # N
+    lookahead_verification_set_size: Optional[PosInt] = Field(
+        None, validation_alias=AliasChoices("lookahead_verification_set_size", "verification_set_size"))  # G
+    enable_b10_lookahead: Bool = False
+    num_draft_tokens: Optional[Annotated[int, Field(strict=True, ge=0, le=2048)]] = None  # None: from W, N, G
+    # The draft-model fields of DRAFT_TOKENS_EXTERNAL; present only so that mode is what gets rejected.
+    checkpoint_repository: Optional[CheckpointRepository] = None
+    build: Optional[dict[str, Any]] = None
+    runtime: Optional[dict[str, Any]] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _baseten_lookahead(cls, data):
+        # Truss's shorthand: BASETEN_LOOKAHEAD is LOOKAHEAD_DECODING + b10 prompt lookup with its defaults.
+        if isinstance(data, dict) and data.get("speculative_decoding_mode") == "BASETEN_LOOKAHEAD":
+            data = dict(data, speculative_decoding_mode="LOOKAHEAD_DECODING", enable_b10_lookahead=True)
+            data.setdefault("lookahead_ngram_size", 32)
+            data.setdefault("lookahead_windows_size", 1)
+            data.setdefault("lookahead_verification_set_size", 1)
+        return data
+
+    @field_validator("speculative_decoding_mode", mode="before")
+    @classmethod
+    def _mode(cls, v):
+        return _choice(v, ("LOOKAHEAD_DECODING", "BASETEN_LOOKAHEAD"), rejected={
+            "DRAFT_TOKENS_EXTERNAL": "draft-model speculation is planned; use LOOKAHEAD_DECODING",
+            "EAGLE": "Eagle speculation is not implemented; use LOOKAHEAD_DECODING"})
+
+    @model_validator(mode="after")
+    def _lookahead_sizes(self):
+        names = ("lookahead_windows_size", "lookahead_ngram_size", "lookahead_verification_set_size")
+        missing = [n for n in names if getattr(self, n) is None]
+        if missing:
+            raise ValueError(f"LOOKAHEAD_DECODING needs {', '.join(names)}; missing {', '.join(missing)}")
+        needed = self.lookahead_draft_len(
+            self.lookahead_windows_size, self.lookahead_ngram_size, self.lookahead_verification_set_size)
+        if self.num_draft_tokens is not None and self.num_draft_tokens < needed:
+            raise ValueError(f"num_draft_tokens {self.num_draft_tokens} is below the {needed} draft tokens that "
+                             f"W={self.lookahead_windows_size}, N={self.lookahead_ngram_size}, "
+                             f"G={self.lookahead_verification_set_size} produce")
+        if needed > 2048:
+            raise ValueError(f"W, N, G produce {needed} draft tokens per step, above the limit 2048; lower them")
+        return self
+
+    @staticmethod
+    def lookahead_draft_len(windows_size: int, ngram_size: int, verification_set_size: int) -> int:
+        """Tokens lookahead may add per step (TensorRT-LLM's formula, as Truss computes it)."""
+        return (0 if ngram_size == 1 else ngram_size - 2) + (windows_size - 1 + verification_set_size) * (ngram_size - 1)
+
+    @property
+    def max_draft_len(self) -> int:
+        return self.num_draft_tokens if self.num_draft_tokens is not None else self.lookahead_draft_len(
+            self.lookahead_windows_size, self.lookahead_ngram_size, self.lookahead_verification_set_size)
+
+
+BaseModelKind = Literal["decoder"]
+_LORA_NAME = re.compile(r"^[a-zA-Z0-9_\-.:]+$")
+
+
+class BuildConfig(_Section):
+    """`trt_llm.build`: what to load and how to optimize it (Baseten's names and defaults)."""
+
+    base_model: BaseModelKind = "decoder"
+    checkpoint_repository: Optional[CheckpointRepository] = None  # None: the default model
+    max_seq_len: Optional[Annotated[int, Field(strict=True, ge=1, le=1048576)]] = None  # None: model's max_position_embeddings
+    max_batch_size: Annotated[int, Field(strict=True, ge=1, le=2048)] = 256  # max running sequences
+    max_num_tokens: Annotated[int, Field(strict=True, ge=1, le=1048576)] = 8192  # token budget per step
+    max_beam_width: PosInt = 1
+    max_prompt_embedding_table_size: NonNegInt = 0
+    gather_all_token_logits: Bool = False  # accepted; prompt logprobs are computed on request
+    strongly_typed: Bool = False  # accepted; a TensorRT build flag with no meaning here
+    quantization_type: QuantizationType = "no_quant"
+    quantization_config: QuantizationConfig = QuantizationConfig()
+    tensor_parallel_count: PosInt = 1
+    pipeline_parallel_count: PosInt = 1
+    sequence_parallel_count: PosInt = 1
+    plugin_configuration: PluginConfiguration = PluginConfiguration()
+    num_builder_gpus: Optional[PosInt] = None  # accepted; the build runs where ember runs
+    speculator: Optional[SpeculatorConfig] = None
+    lora_adapters: Optional[dict[str, CheckpointRepository]] = None  # adapter name (the request's `model`) -> checkpoint
+    lora_configuration: Optional[LoraConfiguration] = None
+    skip_build_result: Bool = False  # accepted; Baseten-internal
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_max_lora_rank(cls, data):
+        # Older Baseten docs put max_lora_rank directly under build.
+        if isinstance(data, dict) and "max_lora_rank" in data:
+            data = dict(data)
+            rank = data.pop("max_lora_rank")
+            lora = dict(data.get("lora_configuration") or {})
+            lora.setdefault("max_lora_rank", rank)
+            data["lora_configuration"] = lora
+        return data
+
+    @field_validator("base_model", mode="before")
+    @classmethod
+    def _base_model(cls, v):
+        encoder = "ember serves decoder (CausalLM) models only; embedding and reranking encoders are planned"
+        return _choice(v, ("decoder",),
+                       aliases={k: "decoder" for k in ("llama", "mistral", "qwen", "deepseek", "palmyra")},
+                       rejected={"encoder": encoder, "encoder_bert": encoder,
+                                 "whisper": "speech models are not supported; ember serves decoder (CausalLM) models"})
+
+    @field_validator("quantization_type", mode="before")
+    @classmethod
+    def _quantization_type(cls, v):
+        return _choice(v, QUANTIZATION_TYPES, _QUANT_ALIASES, _QUANT_REJECTED)
+
+    @field_validator("max_beam_width")
+    @classmethod
+    def _beam(cls, v):
+        if v > 1:
+            raise ValueError(f"{v} is not supported: beam search is not implemented (Baseten also allows only 1)")
+        return v
+
+    @field_validator("pipeline_parallel_count", "sequence_parallel_count")
+    @classmethod
+    def _no_pp(cls, v):
+        if v > 1:
+            raise ValueError(f"{v} is not supported: only tensor parallelism is implemented; use tensor_parallel_count")
+        return v
+
+    @field_validator("max_prompt_embedding_table_size")
+    @classmethod
+    def _no_ptuning(cls, v):
+        if v > 0:
+            raise ValueError(f"{v} is not supported: prompt-tuning tables are not implemented; use 0")
+        return v
+
+    @field_validator("lora_adapters")
+    @classmethod
+    def _lora_names(cls, v):
+        for name in v or {}:
+            if not _LORA_NAME.match(name):
+                raise ValueError(f"adapter name {name!r} may use only letters, digits, '_', '-', '.' and ':'")
+        return v
+
+
+# ---------------------------------------------------------------- trt_llm.runtime
+
+
+class RuntimeConfig(_Section):
+    """`trt_llm.runtime`: how the engine serves (Baseten's names and defaults)."""
+
+    # Fraction of free device memory for the KV cache; on CPU, of ember.kv_cache_memory_bytes.
+    kv_cache_free_gpu_mem_fraction: Annotated[float, Field(strict=True, gt=0, le=1)] = 0.9
+    kv_cache_host_memory_bytes: Optional[PosInt] = None  # accepted; host offload of KV blocks is planned
+    enable_chunked_context: Bool = True  # split long prompts over steps under max_num_tokens
+    batch_scheduler_policy: Literal["guaranteed_no_evict", "max_utilization"] = "guaranteed_no_evict"
+    request_default_max_tokens: Optional[PosInt] = None  # max_tokens when a request gives none
+    served_model_name: Optional[str] = None  # the `model` name clients use; see EngineConfig.served_model_id
+    total_token_limit: PosInt = 500000  # bound on tokens held by queued + running requests
+    webserver_default_route: Optional[Literal["/v1/embeddings", "/rerank", "/predict"]] = None  # encoders only
+
+
+class TrtLlmConfig(_Section):
+    inference_stack: Literal["v1"] = "v1"
+    build: BuildConfig = BuildConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+    version_overrides: dict[str, Any] = {}  # accepted; Baseten image versions
+
+    @field_validator("inference_stack", mode="before")
+    @classmethod
+    def _stack(cls, v):
+        return _choice(v, ("v1",), rejected={
+            "v2": "that is Baseten's BIS-LLM stack; ember implements Engine-Builder-LLM (inference_stack: v1)"})
+
+    @model_validator(mode="before")
+    @classmethod
+    def _v2_first(cls, data):
+        # A v2 config has v2-only runtime keys; report the stack, not those keys.
+        if isinstance(data, dict) and data.get("inference_stack") == "v2":
+            return {"inference_stack": "v2"}
+        return data
+
+
+# ---------------------------------------------------------------- ember
+
+
+class LimitsConfig(_Section):
+    """Bounds on every request field (DESIGN 5). A request over a bound is a 400 naming the field."""
+
+    max_n: PosInt = 16  # choices per request
+    max_tokens_limit: Optional[PosInt] = None  # cap on max_tokens; None: whatever fits in max_seq_len
+    max_prompt_tokens: Optional[PosInt] = None  # None: max_seq_len - 1
+    max_stop_sequences: NonNegInt = 16
+    max_stop_length: PosInt = 256  # characters per stop string
+    max_logprobs: NonNegInt = 20  # top_logprobs / logprobs
+    max_body_bytes: PosInt = 8 * MiB  # HTTP request body (413 above)
+    max_schema_bytes: PosInt = 64 * 1024  # JSON schema / regex / grammar text
+    max_schema_depth: PosInt = 32  # nesting depth of a JSON schema
+
+
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+class EmberSection(_Section):
+    """ember's own settings, under the top-level `ember:` key."""
+
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 where the hardware has bf16 units
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(strict=True, ge=0, le=65535)] = 8000  # 0: any free port
+    api_key: Optional[Annotated[str, Field(min_length=1)]] = None  # required as a Bearer token when set
+    kv_cache_memory_bytes: PosInt = 1 * GiB  # KV budget on CPU (ints or '2GiB'); scaled by kv_cache_free_gpu_mem_fraction
+    block_size: PosInt = 16  # tokens per KV block
+    enable_prefix_caching: Bool = True  # share full KV blocks between requests with a common prefix
+    max_queue_size: PosInt = 256  # waiting requests; beyond it new ones get 429
+    num_threads: Optional[PosInt] = None  # CPU threads for torch; None: torch's default
+    chat_template: Optional[str] = None  # a Jinja file path or inline template; None: the checkpoint's
+    trust_request_chat_template: Bool = False  # let requests send their own chat_template
+    drain_timeout_s: Annotated[float, Field(strict=True, ge=0)] = 30.0  # on SIGTERM, wait this long for running requests
+    limits: LimitsConfig = LimitsConfig()
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _dtype(cls, v):
+        return _choice(v, ("auto", "float32", "bfloat16", "float16"),
+                       aliases={"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"})
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v):
+        if not _DEVICE.match(v):
+            raise ValueError(f"{_show(v)} is not one of auto, cpu, cuda, cuda:N")
+        return v
+
+    @field_validator("kv_cache_memory_bytes", mode="before")
+    @classmethod
+    def _bytes(cls, v):
+        if isinstance(v, str):  # '512MiB', '2GiB', '1.5GB'
+            try:
+                return int(TypeAdapter(ByteSize).validate_python(v))
+            except ValidationError:
+                raise ValueError(f"{_show(v)} is not a size; use bytes or e.g. '512MiB', '2GiB'") from None
+        return v
+
+    @field_validator("block_size")
+    @classmethod
+    def _pow2(cls, v):
+        if v > 1024 or v & (v - 1):
+            raise ValueError(f"{v} is not allowed; use a power of two from 1 to 1024")
+        return v
+
+
+# ---------------------------------------------------------------- top level
+
+
+class Resources(BaseModel):
+    """Truss `resources`, kept as given: ember runs on the machine it is started on."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    accelerator: Optional[str] = None  # e.g. H100, H100:4, L4
+    cpu: Optional[Union[str, int, float]] = None
+    memory: Optional[Union[str, int]] = None
+    use_gpu: Optional[bool] = None
+
+
+_SECTIONS = ("model_name", "resources", "trt_llm", "ember")
+
+
+class EngineConfig(BaseModel):
+    """One validated config, threaded through constructors. Other Truss top-level keys (model_metadata,
+    secrets, requirements, ...) are kept unchanged and not interpreted."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    model_name: Optional[str] = None
+    resources: Resources = Resources()
+    trt_llm: TrtLlmConfig = TrtLlmConfig()
+    ember: EmberSection = EmberSection()
+
+    @property
+    def served_model_id(self) -> str:
+        """The name /v1/models lists and requests' `model` must match (LoRA adapters add their names)."""
+        rt, repo = self.trt_llm.runtime, self.trt_llm.build.checkpoint_repository
+        if rt.served_model_name:
+            return rt.served_model_name
+        if self.model_name:
+            return self.model_name
+        if repo is not None:
+            name = Path(repo.repo).name if repo.source == "LOCAL" else repo.repo
+            return name[: -len(".gguf")] if name.endswith(".gguf") else name
+        return DEFAULT_MODEL_ID
+
+    def normalized_dict(self, redact_secrets: bool = True) -> dict[str, Any]:
+        """Every field with its defaults filled in, aliases resolved, as plain JSON-able data."""
+        data = self.model_dump(mode="json")
+        if redact_secrets and data["ember"].get("api_key"):
+            data["ember"]["api_key"] = "***"
+        return data
+
+    def validate_for_this_host(self) -> None:
+        """Checks what the schema cannot: checkpoints must be readable here, offline."""
+        build = self.trt_llm.build
+        repos = [("trt_llm.build.checkpoint_repository", build.checkpoint_repository)]
+        repos += [(f"trt_llm.build.lora_adapters.{n}", r) for n, r in (build.lora_adapters or {}).items()]
+        for path, repo in repos:
+            if repo is None:
+                continue
+            if repo.source not in SOURCES_SUPPORTED_HERE:
+                raise ConfigError(
+                    f"{path}.source: {repo.source!r} is not supported here: ember runs without network access "
+                    "and reads checkpoints only from the local Hugging Face cache (HF) or a local path (LOCAL)")
+            if repo.source == "LOCAL" and not Path(repo.repo).expanduser().exists():
+                raise ConfigError(
+                    f"{path}.repo: {repo.repo!r} does not exist; source LOCAL needs a directory "
+                    "(safetensors + config.json + tokenizer, or an engine directory) or a .gguf file")
+
+
+# Truss top-level keys (truss_config.py), so that none of them is mistaken for a typo of ours.
+_TRUSS_KEYS = frozenset("""
+model_name description model_class_name model_module_dir data_dir bundled_packages_dir external_package_dirs
+model_metadata model_framework model_type requirements requirements_file system_packages environment_variables
+secrets resources runtime python_version base_image docker_server model_cache cache_internal external_data
+build build_commands live_reload apply_library_patches spec_version input_type examples_filename
+use_local_src training_checkpoints trt_llm deploy_timeout_minutes weights
+""".split())
+
+
+# ---------------------------------------------------------------- errors
+
+
+def _model_at(path: tuple) -> Optional[type[BaseModel]]:
+    """The model class a validation-error location points into (for the known keys of a section)."""
+    cls: Any = EngineConfig
+    for part in path:
+        if cls is dict:  # a mapping value (lora_adapters.<name>): the key itself says nothing
+            cls = CheckpointRepository
+            continue
+        if not (isinstance(cls, type) and issubclass(cls, BaseModel)) or part not in cls.model_fields:
+            return None
+        cls = _unwrap(cls.model_fields[part].annotation)
+    return cls if isinstance(cls, type) and issubclass(cls, BaseModel) else None
+
+
+def _unwrap(tp):
+    for arg in (typing.get_args(tp) if typing.get_origin(tp) is Union else (tp,)):
+        if typing.get_origin(arg) is dict:
+            return dict
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+    return None
+
+
+def _known_keys(cls: type[BaseModel]) -> list[str]:
+    keys = []
+    for name, field in cls.model_fields.items():
+        keys.append(name)
+        if isinstance(field.validation_alias, AliasChoices):
+            keys += [a for a in field.validation_alias.choices if isinstance(a, str)]
+    return keys
+
+
+def _format_error(err: dict) -> str:
+    loc = tuple(err["loc"])
+    where = ".".join(str(p) for p in loc) or "config"
+    kind, value, ctx = err["type"], err.get("input"), err.get("ctx") or {}
+    if kind == "extra_forbidden":
+        cls = _model_at(loc[:-1])
+        known = _known_keys(cls) if cls else []
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]!r}?" if close else "known keys: " + ", ".join(known)
+        return f"{where}: unknown key {str(loc[-1])!r}; {hint}"
+    if kind in ("value_error", "assertion_error"):
+        return f"{where}: {ctx.get('error', err['msg'])}"
+    if kind == "literal_error":  # ctx: "'a', 'b' or 'c'"
+        allowed = [s.strip(" '") for s in re.split(r",| or ", ctx.get("expected", "")) if s.strip()]
+        return f"{where}: {_show(value)} is not one of {', '.join(allowed)}"
+    if kind == "missing":
+        return f"{where}: is required"
+    limits = {"greater_than_equal": ("too small", ">=", "ge"), "greater_than": ("too small", ">", "gt"),
+              "less_than_equal": ("too large", "<=", "le"), "less_than": ("too large", "<", "lt")}
+    if kind in limits:
+        word, op, key = limits[kind]
+        return f"{where}: {_show(value)} is {word}; it must be {op} {ctx.get(key)}"
+    expected = {"int_type": "an integer", "int_parsing": "an integer", "int_from_float": "an integer",
+                "bool_type": "a boolean (true or false)", "bool_parsing": "a boolean (true or false)",
+                "float_type": "a number", "float_parsing": "a number", "string_type": "a string",
+                "model_type": "a mapping", "model_attributes_type": "a mapping", "dict_type": "a mapping",
+                "list_type": "a list", "string_too_short": "a non-empty string"}
+    if kind in expected:
+        return f"{where}: {_show(value)} is not {expected[kind]}"
+    return f"{where}: {err['msg']} (got {_show(value)})"
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _override_paths() -> dict[str, tuple[str, ...]]:
+    """Flat override name -> dotted path, e.g. dtype -> ember.dtype, max_seq_len -> trt_llm.build.max_seq_len."""
+    paths: dict[str, tuple[str, ...]] = {"model_name": ("model_name",)}
+    for prefix, cls in ((("trt_llm", "build"), BuildConfig), (("trt_llm", "runtime"), RuntimeConfig),
+                        (("ember",), EmberSection), (("ember", "limits"), LimitsConfig)):
+        for name in cls.model_fields:
+            if name != "limits":
+                assert name not in paths, f"override name {name} is ambiguous"
+                paths[name] = (*prefix, name)
+    return paths
+
+
+_OVERRIDES = _override_paths()
+
+
+def parse_config(data: dict[str, Any]) -> EngineConfig:
+    """Validates a config mapping against the schema only (no host checks)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: the top level must be a mapping, not {type(data).__name__}")
+    for key in data:
+        # Truss keys are open-ended, but a near miss of one of ours (trtllm, embr) must not pass silently.
+        close = difflib.get_close_matches(str(key), _SECTIONS, n=1, cutoff=0.75)
+        if key not in _SECTIONS and key not in _TRUSS_KEYS and close:
+            raise ConfigError(f"{key}: unknown top-level key {str(key)!r}; did you mean {close[0]!r}?")
+    try:
+        return EngineConfig.model_validate(data)
+    except ValidationError as e:
+        errors = e.errors(include_url=False)
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise ConfigError(_format_error(errors[0]) + more) from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{at} is not valid YAML: {getattr(e, 'problem', None) or e}") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read: {e.strerror}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, not {type(data).__name__}")
+    return data
+
+
+def _local_model(path: Path) -> dict[str, Any]:
+    return {"model_name": path.name[:-5] if path.name.endswith(".gguf") else path.name,
+            "trt_llm": {"build": {"checkpoint_repository": {"source": "LOCAL", "repo": str(path)}}}}
+
+
+def _read_source(source) -> tuple[dict[str, Any], Path]:
+    """Raw config mapping and the directory relative LOCAL paths are resolved against."""
+    if source is None:
+        return {}, Path.cwd()
+    if isinstance(source, EngineConfig):
+        return source.normalized_dict(redact_secrets=False), Path.cwd()
+    if isinstance(source, dict):
+        return source, Path.cwd()
+    if not isinstance(source, (str, os.PathLike)):
+        raise ConfigError(f"config: {type(source).__name__} is not a config; pass a YAML path, a dict, "
+                          "a model or engine directory, a .gguf file or None")
+    path = Path(source).expanduser().absolute()
+    if path.is_dir():
+        is_model = any((path / f).exists() for f in ("config.json", "manifest.json")) or any(path.glob("*.gguf"))
+        if not is_model and (path / "config.yaml").is_file():  # a Truss directory
+            return _read_yaml(path / "config.yaml"), path
+        if not is_model:
+            raise ConfigError(f"{source}: is not a model directory (no config.json, manifest.json or .gguf) "
+                              "nor a Truss directory (no config.yaml)")
+        return _local_model(path), path
+    if not path.exists():
+        raise ConfigError(f"{source}: no such file or directory")
+    if path.suffix == ".gguf":
+        return _local_model(path), path.parent
+    return _read_yaml(path), path.parent
+
+
+def _set(data: dict, path: tuple[str, ...], value) -> dict:
+    """A copy of `data` with `value` at `path` (copying only the dicts on the way)."""
+    data = dict(data)
+    head, *rest = path
+    if rest:
+        inner = data.get(head)
+        data[head] = _set(inner if isinstance(inner, dict) else {}, tuple(rest), value)
+    else:
+        data[head] = value
+    return data
+
+
+def _resolve_local_paths(data: dict, base: Path) -> dict:
+    build = (data.get("trt_llm") or {}).get("build") if isinstance(data.get("trt_llm"), dict) else None
+    if not isinstance(build, dict):
+        return data
+
+    def fix(repo):
+        if isinstance(repo, dict) and str(repo.get("source", "")).upper() == "LOCAL" and isinstance(repo.get("repo"), str):
+            p = Path(repo["repo"]).expanduser()
+            return dict(repo, repo=str(p if p.is_absolute() else (base / p).resolve()))
+        return repo
+
+    if "checkpoint_repository" in build:
+        data = _set(data, ("trt_llm", "build", "checkpoint_repository"), fix(build["checkpoint_repository"]))
+    if isinstance(build.get("lora_adapters"), dict):
+        data = _set(data, ("trt_llm", "build", "lora_adapters"),
+                    {k: fix(v) for k, v in build["lora_adapters"].items()})
+    return data
+
+
+def load_config(source=None, **overrides) -> EngineConfig:
+    """Builds the one `EngineConfig`.
+
+    source: a YAML path (Baseten/Truss config.yaml, optionally with an `ember:` section), a Truss
+    directory holding config.yaml, a dict, an `EngineConfig`, a model directory (safetensors +
+    config.json + tokenizer), an engine directory (manifest.json), a .gguf file, or None (the default
+    model). overrides: flat field names (dtype='float32', max_seq_len=2048, port=0, served_model_name=...)
+    placed at their dotted path before validation; None values are ignored. Relative LOCAL paths are
+    resolved against the YAML file's directory. Raises ConfigError with a one-line, field-naming message.
+    """
+    data, base = _read_source(source)
+    for name, value in overrides.items():
+        if name not in _OVERRIDES:
+            close = difflib.get_close_matches(name, list(_OVERRIDES), n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"override {name!r} is not a config field{hint}")
+        if value is not None:
+            if isinstance(value, BaseModel):
+                value = value.model_dump(mode="json")
+            data = _set(data, _OVERRIDES[name], value)
+    cfg = parse_config(_resolve_local_paths(data, base))
+    cfg.validate_for_this_host()
+    return cfg

@@ -1,0 +1,132 @@
+"""What every ember causal LM shares: the KV-cache shape, logits, and checkpoint loading by HF tensor name."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ember.layers.linear import Linear
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    """Shape of a model's paged KV cache; the runner allocates `num_layers` tensors from it."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+
+
+def layer_sliding_window(hf_config, layer_idx: int) -> int | None:
+    """The sliding window of one layer: `layer_types` decides where present, else `sliding_window` applies to all."""
+    window = getattr(hf_config, "sliding_window", None)
+    if not window:
+        return None
+    layer_types = getattr(hf_config, "layer_types", None)
+    if layer_types is not None:
+        return window if layer_types[layer_idx] == "sliding_attention" else None
+    return window
+
+
+class CausalLM(nn.Module):
+    """Base of the model classes. Subclasses build `self.model` (embed_tokens, layers, norm) and `self.lm_head`
+    (None when tied), name their modules like the HF checkpoint, and list fused tensors in `stacked_params`."""
+
+    # (checkpoint name part, our name part, shard id): separate HF tensors loaded into row slices of one Linear.
+    stacked_params: list[tuple[str, str, int]] = [
+        (".q_proj.", ".qkv_proj.", 0),
+        (".k_proj.", ".qkv_proj.", 1),
+        (".v_proj.", ".qkv_proj.", 2),
+        (".gate_proj.", ".gate_up_proj.", 0),
+        (".up_proj.", ".gate_up_proj.", 1),
+    ]
+    # (checkpoint name part, our name part): plain renames.
+    renamed_params: list[tuple[str, str]] = []
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    final_logit_softcap: float | None = None
+
+    @property
+    def kv_cache_spec(self) -> KVCacheSpec:
+        return KVCacheSpec(self.num_layers, self.num_kv_heads, self.head_dim)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, H] -> logits [N, V] float32."""
+        if self.lm_head is None:
+            logits = F.linear(hidden, self.model.embed_tokens.weight).float()
+        else:
+            logits = self.lm_head(hidden).float()
+        if self.final_logit_softcap:
+            logits = torch.tanh(logits / self.final_logit_softcap) * self.final_logit_softcap
+        return logits
+
+    def _map_name(self, hf_name: str) -> tuple[str, int | None]:
+        for src, dst, shard in self.stacked_params:
+            if src in hf_name:
+                return hf_name.replace(src, dst), shard
+        for src, dst in self.renamed_params:
+            if src in hf_name:
+                return hf_name.replace(src, dst), None
+        return hf_name, None
+
+    def _expected_loads(self) -> set[tuple[str, str, int | None]]:
+        expected = set()
+        for path, module in self.named_modules():
+            if not hasattr(module, "load_weight"):
+                continue
+            if isinstance(module, Linear):
+                shards = [None] if module.num_shards == 1 else list(range(module.num_shards))
+                for pname in ("weight", "bias") if module.bias is not None else ("weight",):
+                    expected.update((path, pname, s) for s in shards)
+            else:
+                expected.update((path, pname, None) for pname, _ in module.named_parameters(recurse=False))
+        return expected
+
+    @torch.no_grad()
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load HF-named tensors (any float dtype; cast to the model dtype). Raises naming unexpected/missing ones."""
+        expected = self._expected_loads()
+        loaded: set[tuple[str, str, int | None]] = set()
+        unexpected: list[str] = []
+        for hf_name, tensor in weights:
+            if hf_name.endswith("rotary_emb.inv_freq"):
+                continue  # old checkpoints store the rotary table; ours is computed
+            if self.lm_head is None and hf_name == "lm_head.weight":
+                continue  # tied embeddings: the head is the embedding table
+            name, shard = self._map_name(hf_name)
+            path, _, pname = name.rpartition(".")
+            key = (path, pname, shard)
+            module = self.get_submodule(path) if (path, pname, shard) in expected or (
+                shard is None and (path, pname, 0) in expected) else None
+            if module is None:
+                unexpected.append(hf_name)
+                continue
+            try:
+                module.load_weight(pname, tensor, shard)
+            except ValueError as e:
+                raise ValueError(f"checkpoint tensor {hf_name}: {e}") from None
+            if shard is None and isinstance(module, Linear) and module.num_shards > 1:
+                loaded.update((path, pname, s) for s in range(module.num_shards))  # already-fused tensor
+            else:
+                loaded.add(key)
+        if unexpected:
+            raise ValueError(
+                f"{type(self).__name__}: unexpected tensors in checkpoint: {', '.join(sorted(unexpected)[:20])}"
+                + (f" (and {len(unexpected) - 20} more)" if len(unexpected) > 20 else "")
+            )
+        missing = expected - loaded
+        if missing:
+            names = sorted(f"{p}.{n}" + ("" if s is None else f"[shard {s}]") for p, n, s in missing)
+            raise ValueError(
+                f"{type(self).__name__}: tensors missing from checkpoint: {', '.join(names[:20])}"
+                + (f" (and {len(names) - 20} more)" if len(names) > 20 else "")
+            )
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.process_weights_after_loading()

