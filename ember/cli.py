@@ -49,7 +49,10 @@ def cmd_serve(args) -> int:
 
 def cmd_generate(args) -> int:
     cfg = _config(args.config, dtype=args.dtype, device=args.device)
-    from ember import LLM, SamplingParams
+    try:
+        from ember import LLM, SamplingParams
+    except ImportError as e:
+        return _fail(f"ember generate: the engine is not built yet ({e})", 1)
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
     llm = LLM(cfg)
@@ -84,7 +87,10 @@ def cmd_bench(args) -> int:
 def cmd_pull(args) -> int:
     from ember.checkpoint.default import pull_default_model
 
-    print(pull_default_model(args.name))
+    try:
+        print(pull_default_model(args.name))
+    except ValueError as e:  # an unknown model name
+        return _fail(f"ember pull: {e}", 2)
     return 0
 
 
@@ -140,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ConfigError as e:
         return _fail(f"ember {args.command}: {e}", 2)
+    except FileNotFoundError as e:  # a checkpoint the config names is not on this machine
+        return _fail(f"ember {args.command}: {e}", 1)
     except KeyboardInterrupt:
         return 130
 

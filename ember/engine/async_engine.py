@@ -57,8 +57,7 @@ class AsyncLLM:
         self.tokenizer = engine.tokenizer
         self.chat_template = engine.setup.chat_template
         self.max_model_len = engine.max_model_len
-        rt = self.cfg.trt_llm.runtime
-        self.served_model_name = rt.served_model_name or self.cfg.model_name or "ember"
+        self.served_model_name = self.cfg.served_model_id
         self.lora_names: list[str] = []
         self.max_queue_size = self.cfg.ember.max_queue_size
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()

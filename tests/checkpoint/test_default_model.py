@@ -18,16 +18,18 @@ def ckpt():
 
 
 @pytest.fixture(scope="module")
-def reference():
-    """transformers' GGUF loader: (config, {hf_name: tensor}), names taken from a meta-device model."""
+def reference(ckpt):
+    """transformers' GGUF loader (what `from_pretrained(dir, gguf_file=...)` runs for llama files):
+    (config, model parameter names, {hf_name: tensor}); the names come from a meta-device model."""
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    config = AutoConfig.from_pretrained(GGUF_PATH.parent, gguf_file=GGUF_PATH.name)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(ckpt.hf_config)
     parsed = load_gguf_checkpoint(str(GGUF_PATH), return_tensors=True, model_to_load=model)
-    return config, model.state_dict().keys(), parsed["tensors"]
+    # AutoConfig.from_pretrained(dir, gguf_file=...) builds its config from exactly this dict
+    config = AutoConfig.for_model(**parsed["config"])
+    return config, list(model.state_dict()), parsed["tensors"]
 
 
 def test_default_model_is_found_without_importing_the_package():

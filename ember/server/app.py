@@ -1,0 +1,199 @@
+"""The OpenAI-compatible HTTP server: `create_app(engine, cfg)` builds the FastAPI app over any
+object with the AsyncLLM interface (tests pass a fake); `run_server(cfg)` serves the real engine
+with uvicorn and drains on SIGTERM (new requests 503, in-flight ones get
+`ember.shutdown_grace_s` seconds to finish, then the engine shuts down)."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from ember.errors import EngineDeadError, InvalidRequestError
+from ember.server.chat import ChatRenderer
+from ember.server.errors import ServiceUnavailableError, ember_error_body, ember_error_response, install_error_handlers
+from ember.server.limits import ServerSettings, resolve_lora
+from ember.server.logprobs import TokenTexts
+from ember.server.metrics import CONTENT_TYPE, ServerMetrics
+from ember.server.middleware import ApiKeyMiddleware, BodyLimitMiddleware, CatchAllMiddleware, DrainingMiddleware
+from ember.server.protocol import DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList, TokenizeRequest, TokenizeResponse
+from ember.server.serving import ServerState, dump, encode, parse_body
+from ember.server.serving_chat import create_chat_completion
+from ember.server.serving_completion import create_completion
+from ember.server.streaming import ClientDisconnected
+
+logger = logging.getLogger("ember.server")
+
+
+def create_app(engine, cfg=None) -> FastAPI:
+    settings = ServerSettings.from_config(cfg)
+    trust = settings.trust_request_chat_template
+    state = ServerState(
+        engine=engine,
+        settings=settings,
+        renderer=ChatRenderer(engine.tokenizer, getattr(engine, "chat_template", None), trust),
+        metrics=ServerMetrics(engine),
+        texts=TokenTexts(engine.tokenizer),
+        vocab_size=len(engine.tokenizer),
+    )
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        await engine.start()
+        logger.info("serving %s (max_model_len=%d)", engine.served_model_name, state.max_model_len)
+        try:
+            yield
+        finally:
+            await engine.shutdown()
+
+    app = FastAPI(title="ember", lifespan=lifespan)
+    app.state.ember = state
+    install_error_handlers(app)
+    _add_routes(app, state)
+    # added innermost first: CatchAll -> ApiKey -> Draining -> BodyLimit -> routes
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(DrainingMiddleware, is_draining=lambda: state.is_draining)
+    if settings.api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
+    app.add_middleware(CatchAllMiddleware)
+    return app
+
+
+async def _guard(state: ServerState, handler, request: Request, needs_engine: bool = True) -> Response:
+    """Run a handler; every failure becomes an OpenAI-shaped response, counted in /metrics."""
+    try:
+        if needs_engine and not state.engine.is_healthy():
+            raise EngineDeadError("The engine is not running; the server cannot generate.")
+        return await handler(state, request)
+    except ClientDisconnected:
+        return Response(status_code=499)  # nobody reads it; the engine request was aborted
+    except Exception as exc:  # noqa: BLE001 - mapped to a status, opaque when unexpected
+        response = ember_error_response(exc)
+        state.metrics.failed.labels(status=str(response.status_code)).inc()
+        return response
+
+
+def _add_routes(app: FastAPI, state: ServerState) -> None:
+    engine = state.engine
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await _guard(state, create_chat_completion, request)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await _guard(state, create_completion, request)
+
+    @app.get("/v1/models")
+    async def list_models():
+        return dump(ModelList(data=_model_cards(state)))
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str, request: Request):
+        async def handler(_state, _request):
+            resolve_lora(model_id, engine)
+            return JSONResponse(dump(next(c for c in _model_cards(state) if c.id == model_id)))
+
+        return await _guard(state, handler, request, needs_engine=False)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        return await _guard(state, _tokenize, request, needs_engine=False)
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        return await _guard(state, _detokenize, request, needs_engine=False)
+
+    @app.get("/health")
+    async def health():
+        if state.is_draining:
+            return ember_error_response(ServiceUnavailableError("The server is draining.", code="server_draining"))
+        if not _is_healthy(engine):
+            return ember_error_response(EngineDeadError("The engine loop is not running."))
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+
+def _is_healthy(engine) -> bool:
+    try:
+        return bool(engine.is_healthy())
+    except Exception:  # noqa: BLE001 - a probe that raises means unhealthy
+        return False
+
+
+def _model_cards(state: ServerState) -> list[ModelCard]:
+    base = state.engine.served_model_name
+    cards = [ModelCard(id=base, root=base, max_model_len=state.max_model_len)]
+    cards += [ModelCard(id=name, root=base, parent=base, max_model_len=state.max_model_len) for name in state.engine.lora_names or []]
+    return cards
+
+
+async def _tokenize(state: ServerState, request: Request) -> Response:
+    req: TokenizeRequest = await parse_body(TokenizeRequest, request)
+    resolve_lora(req.model, state.engine)
+    if (req.prompt is None) == (req.messages is None):
+        raise InvalidRequestError("Send exactly one of 'prompt' or 'messages'.", param="prompt")
+    if req.messages is not None:
+        text = state.renderer.render(req.messages, add_generation_prompt=req.add_generation_prompt)
+        add_special = bool(req.add_special_tokens)
+    else:
+        text = req.prompt
+        add_special = req.add_special_tokens is not False
+    ids = await encode(state, text, add_special)
+    return JSONResponse(dump(TokenizeResponse(count=len(ids), max_model_len=state.max_model_len, tokens=ids)))
+
+
+async def _detokenize(state: ServerState, request: Request) -> Response:
+    req: DetokenizeRequest = await parse_body(DetokenizeRequest, request)
+    resolve_lora(req.model, state.engine)
+    bad = next((t for t in req.tokens if t >= state.vocab_size), None)
+    if bad is not None:
+        raise InvalidRequestError(f"Token id {bad} is out of range; the vocabulary has {state.vocab_size} tokens.", param="tokens")
+    return JSONResponse(dump(DetokenizeResponse(prompt=state.tokenizer.decode(req.tokens))))
+
+
+class EmberServer(uvicorn.Server):
+    """uvicorn with a draining flag: on SIGTERM/SIGINT new requests get 503 at once, while uvicorn
+    stops listening and waits up to timeout_graceful_shutdown for in-flight ones."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState):
+        super().__init__(config)
+        self.ember_state = state
+
+    def handle_exit(self, sig, frame) -> None:
+        if not self.ember_state.is_draining:
+            logger.info("signal %s: draining (new requests get 503, in-flight ones may finish)", sig)
+        self.ember_state.is_draining = True
+        super().handle_exit(sig, frame)
+
+
+def build_server(app: FastAPI, host: str | None = None, port: int | None = None, **uvicorn_kwargs) -> EmberServer:
+    state: ServerState = app.state.ember
+    s = state.settings
+    config = uvicorn.Config(
+        app,
+        host=host or s.host,
+        port=port if port is not None else s.port,
+        timeout_graceful_shutdown=s.shutdown_grace_s,
+        lifespan="on",
+        **uvicorn_kwargs,
+    )
+    return EmberServer(config, state)
+
+
+def run_server(cfg) -> None:
+    """Serve `cfg` until SIGTERM/SIGINT: the real engine, cfg.ember.host and cfg.ember.port."""
+    from ember.engine.async_engine import AsyncLLM
+
+    engine = AsyncLLM(cfg)
+    app = create_app(engine, cfg)
+    build_server(app).run()
+
+
+__all__ = ["create_app", "run_server", "build_server", "EmberServer", "ember_error_body"]

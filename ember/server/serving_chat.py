@@ -1,0 +1,120 @@
+"""POST /v1/chat/completions: messages -> chat template -> token ids -> engine -> OpenAI response.
+
+Streams go out as OpenAI sends them: per choice a first chunk with the role, then content deltas
+(with their logprobs), then a chunk with an empty delta and the finish_reason; with
+stream_options.include_usage every chunk carries `"usage": null` and a last chunk has no choices
+and the usage; `data: [DONE]` ends it."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from ember.server.limits import (
+    check_limits,
+    check_prompt,
+    check_supported,
+    parse_deadline,
+    resolve_lora,
+    resolve_max_tokens,
+    sampling_params,
+)
+from ember.server.logprobs import chat_logprobs, make_usage
+from ember.server.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatStreamChoice,
+)
+from ember.server.serving import ServerState, dump, encode, finish_reasons, parse_body, run_to_end, sse_response, start_stream
+from ember.server.streaming import Job, OutputStream
+
+
+async def create_chat_completion(state: ServerState, request: Request):
+    req: ChatCompletionRequest = await parse_body(ChatCompletionRequest, request)
+    engine, settings = state.engine, state.settings
+    lora = resolve_lora(req.model, engine)
+    check_supported(req)
+    check_limits(req, settings)
+    deadline, timeout_s = parse_deadline(request.headers)
+    tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+    text = state.renderer.render(
+        req.messages,
+        add_generation_prompt=req.add_generation_prompt,
+        tools=tools,
+        request_template=req.chat_template,
+        template_kwargs=req.chat_template_kwargs,
+    )
+    prompt_ids = await encode(state, text, add_special_tokens=False)  # the template wrote BOS if it wants one
+    check_prompt(prompt_ids, settings, state.max_model_len, None, "messages")
+    max_tokens = resolve_max_tokens(req, len(prompt_ids), state.max_model_len, settings)
+    num_logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    params = sampling_params(req, max_tokens, num_logprobs)
+
+    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    model = req.model or engine.served_model_name
+    timer = state.metrics.timer()
+    stream = OutputStream(engine, [Job(request_id, prompt_ids, params, lora)], deadline, timeout_s, timer)
+    if not req.stream:
+        (final,) = await run_to_end(stream, request)
+        timer.on_finish(finish_reasons([final]))
+        return JSONResponse(dump(_response(state, final, request_id, model, num_logprobs)), headers={"X-Request-Id": request_id})
+
+    await start_stream(stream, request)
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    response = sse_response(lambda: _chunks(state, stream, timer, request_id, model, req.n, num_logprobs, include_usage), stream, timer)
+    response.headers["X-Request-Id"] = request_id
+    return response
+
+
+def _response(state: ServerState, final, request_id: str, model: str, num_logprobs: int | None) -> ChatCompletionResponse:
+    choices = [
+        ChatChoice(
+            index=o.index,
+            message=AssistantMessage(content=o.text),
+            logprobs=chat_logprobs(o.logprobs or [], state.texts) if num_logprobs is not None else None,
+            finish_reason=o.finish_reason,
+        )
+        for o in final.outputs
+    ]
+    num_completion = sum(len(o.token_ids) for o in final.outputs)
+    usage = make_usage(len(final.prompt_token_ids), num_completion, final.num_cached_tokens)
+    return ChatCompletionResponse(id=request_id, model=model, choices=choices, usage=usage)
+
+
+async def _chunks(state: ServerState, stream: OutputStream, timer, request_id: str, model: str, n: int, num_logprobs, include_usage: bool):
+    created = int(time.time())
+
+    def chunk(choices, usage=None) -> dict:
+        return dump(ChatCompletionChunk(id=request_id, created=created, model=model, choices=choices, usage=usage), include_usage)
+
+    for i in range(n):
+        yield chunk([ChatStreamChoice(index=i, delta={"role": "assistant", "content": "", "refusal": None})])
+    sent_chars, sent_logprobs, is_done = [0] * n, [0] * n, [False] * n
+    final = None
+    async for _, out in stream:
+        final = out
+        for o in out.outputs:
+            i = o.index
+            if is_done[i]:
+                continue
+            delta = o.text[sent_chars[i]:]
+            new_logprobs = (o.logprobs or [])[sent_logprobs[i]:] if num_logprobs is not None else []
+            if delta or new_logprobs:
+                logprobs = chat_logprobs(new_logprobs, state.texts) if num_logprobs is not None else None
+                yield chunk([ChatStreamChoice(index=i, delta={"content": delta}, logprobs=logprobs)])
+                sent_chars[i] = max(sent_chars[i], len(o.text))
+                sent_logprobs[i] += len(new_logprobs)
+            if o.finish_reason is not None:
+                is_done[i] = True
+                yield chunk([ChatStreamChoice(index=i, delta={}, finish_reason=o.finish_reason)])
+    if final is not None:
+        timer.on_finish(finish_reasons([final]))
+        if include_usage:
+            num_completion = sum(len(o.token_ids) for o in final.outputs)
+            yield chunk([], make_usage(len(final.prompt_token_ids), num_completion, final.num_cached_tokens))
