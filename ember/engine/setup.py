@@ -69,6 +69,8 @@ def build_engine_setup(cfg) -> EngineSetup:
     max_batch_size = build.max_batch_size
     num_blocks = _num_kv_blocks(cfg, runner, device, max_model_len, max_batch_size)
     runner.allocate_kv_cache(num_blocks)
+    # a sequence can never be longer than the whole KV cache
+    max_model_len = min(max_model_len, num_blocks * em.block_size)
     block_manager = BlockManager(num_blocks, em.block_size, em.enable_prefix_caching)
     scheduler = Scheduler(block_manager, max_num_tokens=build.max_num_tokens, max_batch_size=max_batch_size,
                           max_seq_len=max_model_len, policy=rt.batch_scheduler_policy,

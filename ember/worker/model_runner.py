@@ -64,7 +64,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, sched_out) -> ModelRunnerOutput:
-        """sched_out.scheduled: ScheduledRequest(request, num_new_tokens, block_ids, is_sampling)."""
+        """Run one step for `sched_out` (ember.core SchedulerOutput); sample where `is_sampling`."""
+        for rid in sched_out.finished_ids:
+            self.generators.pop(rid, None)
         token_ids: list[int] = []
         positions: list[int] = []
         query_lens: list[int] = []
@@ -74,8 +76,8 @@ class ModelRunner:
         sampling_reqs = []
         for item in sched_out.scheduled:
             req, n = item.request, item.num_new_tokens
-            start = req.num_computed_tokens
-            token_ids.extend(_token_slice(req, start, start + n))
+            start = item.num_computed_tokens
+            token_ids.extend(item.token_ids())
             positions.extend(range(start, start + n))
             query_lens.append(n)
             seq_lens.append(start + n)
@@ -109,12 +111,3 @@ class ModelRunner:
                 top = list(zip(top_ids[i][:k], top_vals[i][:k])) if k and top_ids is not None else []
                 out.logprobs[req.request_id] = [TokenLogprob(ids[i], chosen[i], top)]
         return out
-
-
-def _token_slice(req, start: int, end: int) -> list[int]:
-    """Tokens [start, end) of prompt + output (+ drafts) without building the whole list for decodes."""
-    num_prompt = len(req.prompt_token_ids)
-    if start >= num_prompt:
-        rest = req.output_token_ids + list(getattr(req, "spec_token_ids", []) or [])
-        return rest[start - num_prompt:end - num_prompt]
-    return req.all_token_ids[start:end]

@@ -100,7 +100,8 @@ def test_tiny_gguf_weights_every_type(tiny_gguf):
         # exactly gguf's reference dequantization, with llama.cpp's Q/K permutation undone
         reference = data if qtype == Q.F32 else dequantize(data, qtype)
         if ".q_proj" in name or ".k_proj" in name:  # transformers' own inverse of llama.cpp's permutation
-            reference = LlamaTensorProcessor()._reverse_permute_weights(reference, HEADS, KV_HEADS if ".k_proj" in name else HEADS)
+            num_heads = KV_HEADS if ".k_proj" in name else HEADS
+            reference = LlamaTensorProcessor()._reverse_permute_weights(reference, HEADS, num_heads)
         assert np.array_equal(tensor.numpy(), reference), name
         seen[name] = qtype
         # close to the original: only true when the permutation was undone the right way round

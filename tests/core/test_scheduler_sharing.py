@@ -106,10 +106,21 @@ def test_drafts_are_trimmed_to_max_tokens_and_budget():
     sched.update(out, runner.execute(out))
     r2 = make_req("b", 4, max_tokens=20)
     sched.add_request(r2)
-    drive(sched, runner, propose=lambda q, s: setattr(q, "spec_token_ids", [7] * 9)
-          if q.num_computed_tokens == q.num_tokens - 1 else None,
-          on_step=lambda i, o: all(s.num_new_tokens <= 4 for s in o.scheduled))
-    assert r2.num_output_tokens == 20
+
+    def propose(q, step):  # 9 (mostly wrong) drafts; the 4-token budget takes 1 + 3 of them
+        if q.num_computed_tokens == q.num_tokens - 1:
+            q.spec_token_ids = [7] * 9
+
+    seen_drafts = []
+
+    def on_step(step, out):
+        seen_drafts.extend(s.num_draft_tokens for s in out.scheduled)
+        for s in out.scheduled:
+            assert s.num_new_tokens <= 4 and s.num_draft_tokens <= 3
+
+    drive(sched, runner, propose=propose, on_step=on_step)
+    assert max(seen_drafts) == 3
+    assert r2.num_output_tokens == 20 and r2.output_token_ids == reference_outputs(r2.prompt_token_ids, 20)
 
 
 @pytest.mark.parametrize("policy", ["max_utilization", "guaranteed_no_evict"])
