@@ -14,18 +14,13 @@ def gguf_hf_config(gguf: GGUFFile, architecture: str):
     from transformers import AutoConfig
     from transformers.integrations.ggml import GGUF_CONFIG_DEFAULTS_MAPPING, GGUF_CONFIG_MAPPING
 
-    arch = gguf.architecture
-    model_type = "mistral" if arch == "llama" and architecture == "MistralForCausalLM" else arch
+    model_type = gguf.architecture  # Mistral GGUFs say "llama" and load as Llama, as in transformers
     config: dict = {"tie_word_embeddings": "output.weight" not in gguf.tensors}
     config.update(GGUF_CONFIG_DEFAULTS_MAPPING.get(model_type, {}))
     for key, value in gguf.metadata.items():
         prefix, _, rest = key.partition(".")
-        if prefix == arch:
-            prefix = model_type
         renames = GGUF_CONFIG_MAPPING.get(prefix, {})
         if rest in renames and renames[rest] not in (None, -1):
-            if isinstance(value, str) and arch in value:
-                value = value.replace(arch, model_type)
             config[renames[rest]] = value
     if "vocab_size" not in config and "tokenizer.ggml.tokens" in gguf.metadata:
         config["vocab_size"] = len(gguf.metadata["tokenizer.ggml.tokens"])

@@ -1,0 +1,181 @@
+"""The HTTP API's happy paths over ASGI: chat and completions (every prompt form, echo, stop, n,
+logprobs), models, tokenize/detokenize, chat templates, defaults, metrics. Responses are checked
+against the official SDK's own types."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from openai.types import Completion
+from openai.types.chat import ChatCompletion
+
+from conftest import asgi_client, make_cfg
+from ember.server.app import create_app
+
+pytestmark = pytest.mark.anyio
+
+MSGS = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+
+
+async def test_chat_completion(client, engine):
+    r = await client.post("/v1/chat/completions", json={"model": "fake-model", "messages": MSGS, "temperature": 0})
+    assert r.status_code == 200, r.text
+    resp = ChatCompletion.model_validate(r.json())
+    assert resp.choices[0].message.content == engine.reply
+    assert resp.choices[0].finish_reason == "stop"
+    assert resp.id.startswith("chatcmpl-") and r.headers["x-request-id"] == resp.id
+    call = engine.calls[-1]
+    prompt_text = engine.tokenizer.decode(call.prompt)
+    assert prompt_text == "<s><|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n"
+    assert call.params.temperature == 0.0 and call.lora_name is None
+    u = resp.usage
+    assert (u.prompt_tokens, u.completion_tokens) == (len(call.prompt), len(engine.tokenizer.encode(engine.reply)))
+    assert u.total_tokens == u.prompt_tokens + u.completion_tokens and u.prompt_tokens_details.cached_tokens == 3
+
+
+async def test_chat_content_parts_roles_and_n(client, engine):
+    messages = [
+        {"role": "developer", "content": [{"type": "text", "text": "Rule one."}, {"type": "text", "text": "Rule two."}]},
+        {"role": "user", "content": "Call it"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{\"a\": 1}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "42"},
+    ]
+    r = await client.post("/v1/chat/completions", json={"messages": messages, "n": 3, "max_completion_tokens": 4, "logprobs": True, "top_logprobs": 2})
+    assert r.status_code == 200, r.text
+    resp = ChatCompletion.model_validate(r.json())
+    assert [c.index for c in resp.choices] == [0, 1, 2]
+    assert [c.message.content for c in resp.choices] == ["Hell", "[1] ", "[2] "]
+    assert all(c.finish_reason == "length" for c in resp.choices)
+    lp = resp.choices[0].logprobs.content
+    assert [t.token for t in lp] == ["H", "e", "l", "l"] and len(lp[0].top_logprobs) == 2 and lp[0].bytes == [72]
+    text = engine.tokenizer.decode(engine.calls[-1].prompt)
+    assert "<|im_start|>system\nRule one.\nRule two.<|im_end|>" in text and "<|im_start|>tool\n42<|im_end|>" in text
+
+
+async def test_lora_model_stop_and_sampling_fields(client, engine):
+    body = {"model": "fake-lora", "messages": MSGS, "stop": ["fake"], "top_k": 5, "min_p": 0.1, "repetition_penalty": 1.2, "seed": 7,
+            "ignore_eos": False, "stop_token_ids": [3], "min_tokens": 1, "presence_penalty": 0.5, "some_future_field": 1}
+    r = await client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["model"] == "fake-lora" and r.json()["choices"][0]["message"]["content"] == "Hello! I am a "
+    p = engine.calls[-1].params
+    assert engine.calls[-1].lora_name == "fake-lora"
+    assert (p.top_k, p.min_p, p.repetition_penalty, p.seed, p.stop, p.stop_token_ids, p.min_tokens, p.presence_penalty) == (
+        5, 0.1, 1.2, 7, ["fake"], [3], 1, 0.5)
+
+
+@pytest.mark.parametrize(
+    "prompt,expected_prompts",
+    [("ab", [[97, 98]]), (["ab", "c"], [[97, 98], [99]]), ([97, 98], [[97, 98]]), ([[97], [98, 99]], [[97], [98, 99]])],
+)
+async def test_completion_prompt_forms(client, engine, prompt, expected_prompts):
+    tok = engine.tokenizer
+    ids = [[i for i in p] for p in expected_prompts]
+    alphabet_ids = [tok.encode(tok.decode(p)) for p in ids]  # byte-level: chars map to their byte ids
+    r = await client.post("/v1/completions", json={"model": "fake-model", "prompt": prompt, "max_tokens": 3, "n": 2})
+    assert r.status_code == 200, r.text
+    resp = Completion.model_validate(r.json())
+    assert [c.index for c in resp.choices] == list(range(2 * len(ids)))
+    assert [c.text for c in resp.choices] == ["Hel", "[1]"] * len(ids)
+    assert resp.usage.prompt_tokens == sum(len(p) for p in alphabet_ids)
+    assert len(engine.calls) == len(ids) and len({c.request_id for c in engine.calls}) == len(ids)
+
+
+async def test_completion_echo_and_logprobs(client, engine):
+    r = await client.post("/v1/completions", json={"prompt": "Say:", "echo": True, "logprobs": 2, "max_tokens": 2})
+    c = Completion.model_validate(r.json()).choices[0]
+    assert c.text == "Say:He"
+    assert c.logprobs.tokens == ["S", "a", "y", ":", "H", "e"]
+    assert c.logprobs.token_logprobs == [None] * 4 + [-0.25, -0.25]
+    assert c.logprobs.text_offset == [0, 1, 2, 3, 4, 5] and c.logprobs.top_logprobs[4] == {"H": -0.25, "I": -2.0}
+    r = await client.post("/v1/completions", json={"prompt": [83, 97], "echo": True, "max_tokens": 1})
+    assert r.json()["choices"][0]["text"] == "SaH"
+
+
+async def test_default_max_tokens(engine):
+    async with asgi_client(create_app(engine, make_cfg(request_default_max_tokens=7))) as c:
+        await c.post("/v1/completions", json={"prompt": "abc"})
+    assert engine.calls[-1].params.max_tokens == 7
+    async with asgi_client(create_app(engine, make_cfg())) as c:
+        await c.post("/v1/completions", json={"prompt": "abc"})
+    assert engine.calls[-1].params.max_tokens == engine.max_model_len - 3
+
+
+async def test_models(client):
+    r = await client.get("/v1/models")
+    data = r.json()["data"]
+    assert [m["id"] for m in data] == ["fake-model", "fake-lora"] and data[1]["parent"] == "fake-model"
+    assert (await client.get("/v1/models/fake-lora")).json()["id"] == "fake-lora"
+    r = await client.get("/v1/models/nope")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+async def test_tokenize_detokenize(client, engine):
+    r = await client.post("/tokenize", json={"prompt": "héllo"})
+    body = r.json()
+    assert body["count"] == 6 and body["max_model_len"] == engine.max_model_len
+    r = await client.post("/detokenize", json={"tokens": body["tokens"]})
+    assert r.json() == {"prompt": "héllo"}
+    r = await client.post("/tokenize", json={"messages": [{"role": "user", "content": "x"}]})
+    assert engine.tokenizer.decode(r.json()["tokens"]) == "<s><|im_start|>user\nx<|im_end|>\n<|im_start|>assistant\n"
+    for bad in ({}, {"prompt": "a", "messages": [{"role": "user", "content": "x"}]}):
+        r = await client.post("/tokenize", json=bad)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    r = await client.post("/detokenize", json={"tokens": [1, 10**6]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tokens"
+
+
+async def test_fallback_template_is_logged_and_used(tokenizer, caplog):
+    from server_fakes import FakeEngine
+
+    engine = FakeEngine(tokenizer, chat_template=None)
+    with caplog.at_level(logging.WARNING, logger="ember.server"):
+        app = create_app(engine, make_cfg())
+    assert any("no chat template" in r.message for r in caplog.records)
+    async with asgi_client(app) as c:
+        r = await c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 200
+    assert tokenizer.decode(engine.calls[-1].prompt) == "<|im_start|>user\nx<|im_end|>\n<|im_start|>assistant\n"
+
+
+async def test_request_chat_template_needs_trust(engine):
+    body = {"messages": [{"role": "user", "content": "x"}], "chat_template": "{% for m in messages %}[{{ m.content }}]{% endfor %}"}
+    async with asgi_client(create_app(engine, make_cfg())) as c:
+        r = await c.post("/v1/chat/completions", json=body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "chat_template"
+    async with asgi_client(create_app(engine, make_cfg(trust_request_chat_template=True))) as c:
+        r = await c.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200 and engine.tokenizer.decode(engine.calls[-1].prompt) == "[x]"
+        for evil in ("{{ messages.append(1) }}", "{{ raise_exception('no system role') }}", "{{ 1/0 }}", "{% if %}"):
+            r = await c.post("/v1/chat/completions", json={**body, "chat_template": evil})
+            assert r.status_code == 400, (evil, r.text)
+            assert r.json()["error"]["param"] in ("messages", "chat_template")
+        helpers = "{{ strftime_now('%Y') | length }}{{ {'a': 'é'} | tojson }}{{ eos_token }}"
+        r = await c.post("/v1/chat/completions", json={**body, "chat_template": helpers})
+        assert r.status_code == 200 and engine.tokenizer.decode(engine.calls[-1].prompt) == '4{"a": "é"}</s>'
+
+
+async def test_metrics_series(client):
+    await client.post("/v1/chat/completions", json={"messages": MSGS, "max_tokens": 3})
+    await client.post("/v1/chat/completions", json={"messages": MSGS, "model": "nope"})
+    text = (await client.get("/metrics")).text
+    for series in (
+        "ember_num_requests_running 1.0", "ember_num_requests_waiting 2.0", "ember_kv_cache_usage_perc 0.25",
+        "ember_prefix_cache_hit_rate 0.4", "ember_prompt_tokens_total 1234.0", "ember_generation_tokens_total 567.0",
+        "ember_spec_decode_acceptance_rate 0.7", "ember_time_to_first_token_seconds_count 1.0",
+        "ember_inter_token_latency_seconds_count 2.0", "ember_e2e_request_latency_seconds_count 1.0",
+        'ember_request_success_total{finished_reason="length"} 1.0', 'ember_request_errors_total{status="404"} 1.0',
+        "ember_engine_healthy 1.0",
+    ):
+        assert series in text, series
+
+
+async def test_health(client, engine):
+    r = await client.get("/health")
+    assert r.status_code == 200
+    engine.healthy = False
+    r = await client.get("/health")
+    assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead"
+    r = await client.post("/v1/completions", json={"prompt": "x"})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead"
