@@ -61,8 +61,8 @@ def run_hf(model, prompts: list[list[int]], output_len: int, batch_size: int, pa
         for i, p in enumerate(batch):  # left padding
             ids[i, width - len(p):] = torch.tensor(p)
             mask[i, width - len(p):] = 1
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=output_len, min_new_tokens=output_len,
-                             do_sample=False, pad_token_id=pad_id)
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=output_len,
+                             do_sample=False, pad_token_id=pad_id, eos_token_id=None)
         return out.shape[0] * (out.shape[1] - width)
 
     one_batch([prompts[0][:8]])  # warm-up

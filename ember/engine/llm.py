@@ -33,6 +33,7 @@ class LLM:
         self.engine = LLMEngine(cfg)
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
+        self._renderer = None  # the chat template, compiled on first use
 
     @property
     def chat_template(self) -> str | None:
@@ -64,10 +65,13 @@ class LLM:
     def chat(self, messages, sampling_params: SamplingParams | None = None, *, tools=None,
              add_generation_prompt: bool = True, use_tqdm: bool = False) -> list[RequestOutput]:
         """`messages`: one conversation (a list of {role, content}) or a list of conversations."""
-        from ember.server.chat import render_chat
+        from ember.server.chat import ChatRenderer
+        from ember.server.protocol import ChatMessage
 
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        prompts = [render_chat(self.chat_template, conv, self.tokenizer, add_generation_prompt=add_generation_prompt,
-                               tools=tools) for conv in convs]
+        if self._renderer is None:
+            self._renderer = ChatRenderer(self.tokenizer, self.chat_template)
+        prompts = [self._renderer.render([ChatMessage.model_validate(m) for m in conv], tools=tools,
+                                         add_generation_prompt=add_generation_prompt) for conv in convs]
         token_prompts = [self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
         return self.generate(token_prompts, sampling_params, use_tqdm=use_tqdm)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ember.checkpoint.loader import load_checkpoint, resolve_checkpoint_path
+from ember.checkpoint import load_checkpoint, resolve_checkpoint_path
 from ember.core.block_manager import BlockManager
 from ember.core.scheduler import Scheduler
 from ember.worker.device import resolve_device, resolve_dtype
@@ -54,9 +54,7 @@ def _num_kv_blocks(cfg, runner: ModelRunner, device: torch.device, max_model_len
 
 def build_engine_setup(cfg) -> EngineSetup:
     build, rt, em = cfg.trt_llm.build, cfg.trt_llm.runtime, cfg.ember
-    repo = build.checkpoint_repository
-    path = resolve_checkpoint_path(repo.source if repo else "LOCAL", repo.repo if repo else None,
-                                   repo.revision if repo else None)
+    path = resolve_checkpoint_path(build.checkpoint_repository)
     ckpt = load_checkpoint(path)
     device = resolve_device(em.device)
     dtype = resolve_dtype(em.dtype, device)

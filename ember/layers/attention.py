@@ -51,10 +51,8 @@ def build_attention_metadata(
     """Build one step's metadata from per-sequence lengths and block ids (ids of each sequence, in order)."""
     num_seqs = len(query_lens)
     max_blocks = max((len(b) for b in block_tables), default=0) or 1
-    bt = torch.zeros(num_seqs, max_blocks, dtype=torch.int32)
-    for i, blocks in enumerate(block_tables):
-        if blocks:
-            bt[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+    bt = torch.tensor([list(b) + [0] * (max_blocks - len(b)) for b in block_tables], dtype=torch.int32)
+    bt = bt.view(num_seqs, max_blocks)  # [B, max_blocks]
     q_lens = torch.tensor(query_lens, dtype=torch.int64)
     s_lens = torch.tensor(seq_lens, dtype=torch.int64)
     qsl = torch.zeros(num_seqs + 1, dtype=torch.int64)
@@ -137,24 +135,35 @@ class TorchAttentionBackend(AttentionBackend):
         return self._mixed(q, k, v, kv_cache, metadata, scale, sliding_window, logit_softcap)
 
     def _decode(self, q, kv_cache, md, block_tables, seq_lens, max_len, key, scale, window, softcap):
-        """One new token per sequence, all sequences at once. q [B, Hq, D] -> [B, Hq, D]."""
+        """One new token per sequence, all sequences at once. q [B, Hq, D] -> [B, Hq, D].
+
+        Grouped matmuls rather than SDPA: CPU SDPA's flash kernel is slow for single-token queries, and
+        grouping the Hq/Hk query heads of a KV head needs no K/V expand. Six tensor ops in all.
+        """
         block_size = kv_cache.shape[2]
-        cache_key = ("decode", key, window)
+        cache_key = ("decode", key, window, q.dtype)
         entry = md.derived.get(cache_key)
-        if entry is None:
+        if entry is None:  # once per step, shared by every layer
             nblk = -(-max_len // block_size)
             bt = block_tables[:, :nblk]  # [B, nblk]
             kv_pos = torch.arange(nblk * block_size, device=q.device)  # [S]
             last = (seq_lens.long() - 1).unsqueeze(1)  # [B, 1]
-            mask = kv_pos <= last
+            visible = kv_pos <= last
             if window is not None:
-                mask &= kv_pos > last - window
-            entry = md.derived[cache_key] = (bt, mask[:, None, None, :])  # mask [B, 1, 1, S]
-        bt, mask = entry
-        kv = kv_cache[:, bt]  # [2, B, nblk, bs, Hk, D]
-        kv = kv.flatten(2, 3).transpose(2, 3)  # [2, B, Hk, S, D]
-        out = _attend(q.unsqueeze(2), kv[0], kv[1], mask, scale, softcap)  # [B, Hq, 1, D]
-        return out.squeeze(2)
+                visible &= kv_pos > last - window
+            bias = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(~visible, float("-inf"))
+            entry = md.derived[cache_key] = (bt, bias[:, None, None, :])  # bias [B, 1, 1, S]
+        bt, bias = entry
+        num_seqs, num_heads, head_dim = q.shape
+        num_kv_heads = kv_cache.shape[3]
+        kv = kv_cache[:, bt].flatten(2, 3).transpose(2, 3)  # [2, B, Hk, S, D]
+        qg = q.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [B, Hk, G, D]
+        if softcap is None:
+            scores = torch.matmul(qg * scale, kv[0].transpose(-1, -2))  # [B, Hk, G, S]
+        else:
+            scores = torch.tanh(torch.matmul(qg, kv[0].transpose(-1, -2)) * (scale / softcap)) * softcap
+        probs = torch.softmax(scores + bias, dim=-1)
+        return torch.matmul(probs, kv[1]).view(num_seqs, num_heads, head_dim)
 
     def _mixed(self, q, k, v, kv_cache, md, scale, window, softcap):
         """Decodes batched through `_decode`; each prefill chunk attended on its own."""

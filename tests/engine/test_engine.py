@@ -32,7 +32,7 @@ def test_greedy_matches_transformers(tiny, tiny_llama_dir):
     outs = tiny.generate(prompts, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
     for p, o in zip(prompts, outs):
         with torch.no_grad():
-            r = ref.generate(torch.tensor([p]), max_new_tokens=24, min_new_tokens=24, do_sample=False)
+            r = ref.generate(torch.tensor([p]), max_new_tokens=24, do_sample=False, eos_token_id=None)
         assert o.token_ids == r[0, len(p):].tolist()
 
 
