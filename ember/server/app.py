@@ -130,7 +130,7 @@ def _is_healthy(engine) -> bool:
 def _model_cards(state: ServerState) -> list[ModelCard]:
     base = state.engine.served_model_name
     cards = [ModelCard(id=base, root=base, max_model_len=state.max_model_len)]
-    cards += [ModelCard(id=name, root=base, parent=base, max_model_len=state.max_model_len) for name in state.engine.lora_names or []]
+    cards += [ModelCard(id=name, root=base, parent=base, max_model_len=state.max_model_len) for name in getattr(state.engine, "lora_names", None) or []]
     return cards
 
 

@@ -156,6 +156,12 @@ class RequestMatcher:
         if self.is_reasoning:
             bitmask[row].fill_(-1)
             return False
+        if self._matcher.is_terminated():  # xgrammar refuses to mask after the stop token: stop again
+            bitmask[row].zero_()
+            for t in self._backend.stop_token_ids:
+                word, bit = divmod(t, 32)
+                bitmask[row, word] |= (1 << bit) if bit < 31 else -(1 << 31)
+            return True
         self._matcher.fill_next_token_bitmask(bitmask, row)
         return True
 

@@ -73,10 +73,11 @@ def test_n_stop_tokens_and_lengths(tiny):
 
 
 def test_stop_string_truncates_text(tiny):
-    full = tiny.generate([[5, 6, 7]], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0]
+    prompt = tiny.tokenizer.encode("The quick brown fox")
+    full = tiny.generate([prompt], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0]
     assert len(full.text) > 6
     stop = full.text[3:6]
-    out = tiny.generate([[5, 6, 7]], SamplingParams(max_tokens=12, temperature=0, stop=[stop], ignore_eos=True))[0]
+    out = tiny.generate([prompt], SamplingParams(max_tokens=12, temperature=0, stop=[stop], ignore_eos=True))[0]
     assert out.finish_reason == "stop" and stop not in out.text
     assert full.text.startswith(out.text) and out.text == full.text[: full.text.find(stop)]
 
