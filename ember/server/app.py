@@ -1,7 +1,18 @@
 """The OpenAI-compatible HTTP server: `create_app(engine, cfg)` builds the FastAPI app over any
 object with the AsyncLLM interface (tests pass a fake); `run_server(cfg)` serves the real engine
-with uvicorn and drains on SIGTERM (new requests 503, in-flight ones get
-`ember.shutdown_grace_s` seconds to finish, then the engine shuts down)."""
+with uvicorn.
+
+Lifecycle: the app's lifespan awaits `engine.start()` and, at exit, `engine.shutdown()`. SIGTERM
+(or SIGINT) sets the draining flag (new requests and /health: 503), uvicorn stops listening and
+gives in-flight requests `ember.drain_timeout_s` seconds; after that they are cancelled (which
+aborts their engine requests) and the process exits.
+
+Deadlines: a `Request-Timeout-Ms` header (milliseconds) or `X-Request-Timeout` (seconds) sets a
+deadline, passed to `engine.generate(deadline=...)` as a `time.monotonic()` value; the server also
+enforces it. Expired before the response started: HTTP 408 `{"type": "timeout_error", "code":
+"request_timeout"}` (as AsyncLLM's own RequestTimeoutError); expired mid-stream: the same error as an SSE error event, then `[DONE]`.
+Either way the engine request is aborted. An engine that ends a request itself with
+finish_reason "abort" after the deadline is reported the same way."""
 
 from __future__ import annotations
 
@@ -14,7 +25,7 @@ from fastapi.responses import JSONResponse, Response
 
 from ember.errors import EngineDeadError, InvalidRequestError
 from ember.server.chat import ChatRenderer
-from ember.server.errors import ServiceUnavailableError, ember_error_body, ember_error_response, install_error_handlers
+from ember.server.errors import ServiceUnavailableError, ember_error_response, install_error_handlers
 from ember.server.limits import ServerSettings, resolve_lora
 from ember.server.logprobs import TokenTexts
 from ember.server.metrics import CONTENT_TYPE, ServerMetrics
@@ -180,7 +191,7 @@ def build_server(app: FastAPI, host: str | None = None, port: int | None = None,
         app,
         host=host or s.host,
         port=port if port is not None else s.port,
-        timeout_graceful_shutdown=s.shutdown_grace_s,
+        timeout_graceful_shutdown=s.drain_timeout_s,
         lifespan="on",
         **uvicorn_kwargs,
     )
@@ -195,5 +206,3 @@ def run_server(cfg) -> None:
     app = create_app(engine, cfg)
     build_server(app).run()
 
-
-__all__ = ["create_app", "run_server", "build_server", "EmberServer", "ember_error_body"]

@@ -42,9 +42,10 @@ class ServiceUnavailableError(EmberError):
 
 
 class RequestTimeoutError(EmberError):
-    """The deadline a client set with `Request-Timeout-Ms` / `X-Request-Timeout` passed first."""
+    """The deadline a client set with `Request-Timeout-Ms` / `X-Request-Timeout` passed first.
+    Same status, type and code as ember.engine.async_engine.RequestTimeoutError."""
 
-    status_code = 504
+    status_code = 408
     error_type = "timeout_error"
     code = "request_timeout"
 

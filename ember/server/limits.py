@@ -22,10 +22,14 @@ MAX_TIMEOUT_S = 24 * 3600.0
 
 @dataclass
 class ServerSettings:
+    """Read once from the config: cfg.ember.{host, port, api_key, trust_request_chat_template,
+    drain_timeout_s}, cfg.ember.limits.* (the bounds) and cfg.trt_llm.runtime.request_default_max_tokens."""
+
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None  # None: no authentication
     trust_request_chat_template: bool = False
+    drain_timeout_s: float = 30.0  # SIGTERM: time in-flight requests get to finish
     max_n: int = 16  # choices per request
     max_tokens_limit: int | None = None  # None: only the context limit bounds max_tokens
     max_stop_sequences: int = 16
@@ -36,17 +40,18 @@ class ServerSettings:
     max_prompt_tokens: int | None = None  # None: the context limit
     max_prompts: int = 64  # prompts in one /v1/completions request
     default_max_tokens: int | None = None  # trt_llm.runtime.request_default_max_tokens
-    shutdown_grace_s: float = 30.0  # SIGTERM: time in-flight requests get to finish
 
     @classmethod
     def from_config(cls, cfg) -> "ServerSettings":
         ember = getattr(cfg, "ember", None)
+        limits = getattr(ember, "limits", None)
         runtime = getattr(getattr(cfg, "trt_llm", None), "runtime", None)
         kw = {}
         for name in cls.__dataclass_fields__:
-            value = getattr(ember, name, None)
-            if value is not None:
-                kw[name] = value
+            for section in (ember, limits):  # a limit may sit under ember.limits or (flat) under ember
+                value = getattr(section, name, None)
+                if value is not None:
+                    kw[name] = value
         default = getattr(runtime, "request_default_max_tokens", None)
         if default is not None:
             kw["default_max_tokens"] = default

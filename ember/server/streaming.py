@@ -13,6 +13,7 @@ its body iterator."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 import time
@@ -61,11 +62,12 @@ class OutputStream:
 
     async def start(self) -> None:
         """Submit every prompt and wait for its first output; engine refusals are raised here."""
-        for i, job in enumerate(self.jobs):
-            self.generators[i] = self.engine.generate(
-                job.prompt, job.params, job.request_id, lora_name=job.lora_name, deadline=self.deadline
-            ).__aiter__()
         try:
+            for i, job in enumerate(self.jobs):
+                it = self.engine.generate(job.prompt, job.params, job.request_id, lora_name=job.lora_name, deadline=self.deadline)
+                if inspect.isawaitable(it):  # an `async def` returning an iterator works too
+                    it = await it
+                self.generators[i] = it.__aiter__()
             results = await self._wait([asyncio.ensure_future(self._next(i)) for i in range(len(self.jobs))], all_done=True)
         except BaseException:
             await self.close()
@@ -74,11 +76,11 @@ class OutputStream:
 
     async def __aiter__(self) -> AsyncIterator[tuple[int, Any]]:
         pending = []
-        for i, out in self.firsts:
-            yield i, out
-            if not self.finished[i]:
-                pending.append(asyncio.ensure_future(self._next(i)))
         try:
+            for i, out in self.firsts:
+                yield i, out
+                if not self.finished[i]:
+                    pending.append(asyncio.ensure_future(self._next(i)))
             while pending:
                 done = await self._wait(pending, all_done=False)
                 pending = [t for t in pending if not t.done()]
@@ -117,7 +119,7 @@ class OutputStream:
         except BaseException:
             await _cancel_all(tasks)
             raise
-        failed = [t for t in done if t.exception() is not None]
+        failed = [t for t in done if not t.cancelled() and t.exception() is not None]
         if failed or (all_done and not_done) or not done:
             await _cancel_all(tasks)
             if failed:
@@ -130,7 +132,7 @@ class OutputStream:
 
     def _timeout_error(self) -> RequestTimeoutError:
         ms = round((self.timeout_s or 0) * 1000)
-        return RequestTimeoutError(f"The request did not finish within its deadline of {ms} ms (Request-Timeout-Ms).")
+        return RequestTimeoutError(f"The request did not finish within its deadline of {ms} ms (Request-Timeout-Ms / X-Request-Timeout).")
 
     async def close(self) -> None:
         """Close the engine iterators and abort what did not finish; runs to the end even when the

@@ -96,11 +96,37 @@ def add_tools_to_messages(messages: list[dict], tools: list[Any]) -> list[dict]:
     return messages
 
 
+def inline_tool_messages(messages: list[dict]) -> list[dict]:
+    """For templates that know nothing of tools: an assistant message's `tool_calls` become
+    `<tool_call>` blocks in its text, and `tool` results become user turns in `<tool_response>`."""
+    out = []
+    for m in messages:
+        m = dict(m)
+        if m.get("role") == "assistant" and m.get("tool_calls"):
+            blocks = []
+            for tc in m.pop("tool_calls"):
+                fn = tc.get("function", tc)
+                args = fn.get("arguments", {})
+                args = json.loads(args) if isinstance(args, str) and args.strip() else (args or {})
+                blocks.append(f"{TOOL_CALL_BEGIN}\n" + json.dumps({"name": fn.get("name"), "arguments": args},
+                                                                   ensure_ascii=False) + f"\n{TOOL_CALL_END}")
+            m["content"] = "\n".join(filter(None, [m.get("content") or "", *blocks]))
+        elif m.get("role") == "tool":
+            m = {"role": "user", "content": f"<tool_response>\n{m.get('content') or ''}\n</tool_response>"}
+        out.append(m)
+    return out
+
+
 def template_supports_tools(chat_template: str | None) -> bool:
-    """Heuristic: the template reads the `tools` variable inside a Jinja expression or statement."""
+    """Heuristic: the template reads the `tools` variable in a Jinja expression or statement (string
+    literals inside the tags do not count: "use the tools" is not a variable)."""
     if not chat_template:
         return False
-    return re.search(r"\{[{%][^}]*?\btools\b", chat_template) is not None
+    for tag in re.findall(r"\{[{%](.*?)[}%]\}", chat_template, flags=re.DOTALL):
+        code = re.sub(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"", "", tag)
+        if re.search(r"(?<![.\w])tools\b", code):
+            return True
+    return False
 
 
 def resolve_tool_choice(tool_choice: Any, tools: list[dict]) -> str | None:

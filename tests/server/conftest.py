@@ -32,9 +32,10 @@ def anyio_backend():
     return "asyncio"
 
 
-def make_cfg(request_default_max_tokens=None, **ember):
+def make_cfg(request_default_max_tokens=None, limits=None, **ember):
+    """A stand-in for EngineConfig with the same layout: cfg.ember.*, cfg.ember.limits.*, cfg.trt_llm.runtime.*."""
     return SimpleNamespace(
-        ember=SimpleNamespace(**ember),
+        ember=SimpleNamespace(limits=SimpleNamespace(**(limits or {})), **ember),
         trt_llm=SimpleNamespace(runtime=SimpleNamespace(request_default_max_tokens=request_default_max_tokens)),
     )
 

@@ -105,6 +105,20 @@ async def test_default_max_tokens(engine):
     assert engine.calls[-1].params.max_tokens == engine.max_model_len - 3
 
 
+def test_settings_from_the_real_config():
+    from ember.config import load_config
+    from ember.server.limits import ServerSettings
+
+    cfg = load_config({
+        "model_name": "x",
+        "trt_llm": {"runtime": {"request_default_max_tokens": 9}},
+        "ember": {"api_key": "k", "drain_timeout_s": 5, "trust_request_chat_template": True, "limits": {"max_n": 3, "max_body_bytes": 1000}},
+    })
+    s = ServerSettings.from_config(cfg)
+    assert (s.api_key, s.drain_timeout_s, s.trust_request_chat_template, s.max_n, s.max_body_bytes, s.default_max_tokens) == ("k", 5.0, True, 3, 1000, 9)
+    assert (s.host, s.port, s.max_logprobs, s.max_stop_sequences) == ("127.0.0.1", 8000, 20, 16)
+
+
 async def test_models(client):
     r = await client.get("/v1/models")
     data = r.json()["data"]

@@ -30,7 +30,7 @@ def assert_error(r, status: int, param=None, code=None, type_=None):
 
 @pytest.fixture
 def limited(engine):
-    return asgi_client(create_app(engine, make_cfg(**LIMITS)))
+    return asgi_client(create_app(engine, make_cfg(limits=LIMITS)))
 
 
 CHAT_BAD = [
@@ -201,7 +201,7 @@ async def test_error_mid_stream_is_an_sse_event(client, engine):
 async def test_request_timeout(client, engine):
     engine.hang_after = 1
     r = await client.post("/v1/completions", json={"prompt": "x"}, headers={"Request-Timeout-Ms": "30"})
-    assert_error(r, 504, code="request_timeout", type_="timeout_error")
+    assert_error(r, 408, code="request_timeout", type_="timeout_error")
     assert engine.calls[-1].deadline is not None and engine.aborted == [engine.calls[-1].request_id]
     r = await client.post("/v1/completions", json={"prompt": "x", "stream": True}, headers={"X-Request-Timeout": "0.03"})
     events = parse_sse(r.text)

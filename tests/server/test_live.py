@@ -127,9 +127,10 @@ def test_stream_disconnect_aborts(live, engine):
     assert engine.aborted == [engine.calls[-1].request_id]
 
 
-def test_non_stream_disconnect_aborts(live, engine):
-    engine.hang_after = 2
-    body = json.dumps({"model": "fake-model", "prompt": "x", "max_tokens": 100}).encode()
+@pytest.mark.parametrize("stream,hang_after", [(False, 2), (True, 0)])  # (True, 0): gone before the first token
+def test_disconnect_before_response_aborts(live, engine, stream, hang_after):
+    engine.hang_after = hang_after
+    body = json.dumps({"model": "fake-model", "prompt": "x", "max_tokens": 100, "stream": stream}).encode()
     head = (
         f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer test-key\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"

@@ -162,3 +162,27 @@ def test_compile_error_is_invalid_request(backend):
     with pytest.raises(InvalidRequestError) as e:
         backend.compile(StructuredOutputSpec(grammar='root ::= undefined_rule'))
     assert e.value.param == "grammar" and "undefined_rule" in e.value.message
+
+
+def test_sampler_only_draws_allowed_tokens(backend):
+    """The runner hook: mask the batch's logits, then the unchanged Sampler (penalties, top-p, seeds)."""
+    from ember.layers.sampler import Sampler, SamplingMetadata
+
+    matchers = [backend.new_matcher(StructuredOutputSpec(regex=r"[0-9]+")), None,
+                backend.new_matcher(StructuredOutputSpec(choice=("yes", "no")))]
+    bitmask, rows = build_grammar_bitmask(matchers, VOCAB)
+    logits = torch.randn(3, VOCAB, generator=torch.Generator().manual_seed(0)) * 5
+    apply_bitmask(logits, bitmask, rows)
+    gens = [torch.Generator().manual_seed(1), None, None]
+    meta = SamplingMetadata(temperatures=torch.tensor([1.0, 1.0, 0.0]), top_ps=torch.tensor([0.9, 0.9, 0.9]),
+                            top_ks=None, min_ps=None, presence_penalties=torch.tensor([0.5, 0.5, 0.5]),
+                            frequency_penalties=None, repetition_penalties=torch.tensor([1.3, 1.3, 1.3]),
+                            output_token_ids=torch.tensor([[5, 6], [5, 6], [-1, -1]]),
+                            prompt_token_ids=torch.tensor([[7], [7], [7]]), banned_token_ids=None,
+                            generators=gens, num_logprobs=[None, None, None], is_all_greedy=False,
+                            is_all_random=False)
+    allowed = unpack_bitmask(bitmask, VOCAB)
+    for _ in range(20):
+        ids = Sampler()(logits, meta).token_ids.tolist()
+        assert allowed[0, ids[0]] and allowed[2, ids[2]]
+    assert matchers[0].accept(ids[0]) and matchers[2].accept(ids[2])

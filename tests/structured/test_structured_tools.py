@@ -8,6 +8,7 @@ import pytest
 
 from ember.errors import InvalidRequestError
 from ember.structured.tools import (ReasoningStreamParser, ToolCallStreamParser, add_tools_to_messages,
+                                    inline_tool_messages,
                                     parse_reasoning, parse_tool_calls, render_tools_system_prompt,
                                     template_supports_tools, tool_call_spec)
 
@@ -168,3 +169,15 @@ def test_reasoning_stream_matches_whole(text, start, sizes):
     reasoning, content = reasoning + (r or ""), content + (c or "")
     whole_r, whole_c = parse_reasoning(text, start)
     assert (reasoning.strip() or None, content) == (whole_r or None, whole_c)
+
+
+def test_inline_tool_messages_for_plain_templates():
+    msgs = inline_tool_messages([
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+            "name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "-3 C"}])
+    assert [m["role"] for m in msgs] == ["user", "assistant", "user"]
+    _, calls = parse_tool_calls(msgs[1]["content"])
+    assert calls[0].name == "get_weather" and json.loads(calls[0].arguments) == {"city": "Oslo"}
+    assert "<tool_response>" in msgs[2]["content"] and "-3 C" in msgs[2]["content"]
