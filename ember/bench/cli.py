@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import argparse
 
-from ember.bench import offline
+from ember.bench import invariance, offline
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ember bench", description="ember benchmarks")
     sub = parser.add_subparsers(dest="mode", required=True)
     offline.add_args(sub.add_parser("offline", help="N prompts through the engine vs transformers generate"))
+    invariance.add_args(sub.add_parser("invariance", help="greedy outputs alone vs in a batch"))
     args = parser.parse_args(argv)
     if args.mode == "offline":
         offline.main(args)
+    elif args.mode == "invariance":
+        invariance.main(args)
     return 0
