@@ -46,6 +46,14 @@ class QueueFullError(EmberError):
         self.retry_after = retry_after
 
 
+class RequestTimeoutError(EmberError):
+    """The deadline a client set (Request-Timeout-Ms / X-Request-Timeout) passed first; the request was aborted."""
+
+    status_code = 408
+    error_type = "timeout_error"
+    code = "request_timeout"
+
+
 class EngineDeadError(EmberError):
     status_code = 503
     error_type = "service_unavailable"

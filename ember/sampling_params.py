@@ -5,6 +5,10 @@ engine never sees an impossible value."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ember.structured.spec import StructuredOutputSpec
 
 MAX_LOGPROBS = 20  # OpenAI's top_logprobs ceiling
 
@@ -29,6 +33,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    structured: "StructuredOutputSpec | None" = None  # grammar constraint (JSON schema, regex, EBNF, choice)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

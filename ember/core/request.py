@@ -63,6 +63,7 @@ class Request:
     block_hashes: list[bytes] = field(default_factory=list, repr=False)  # chained digests of the full
     # blocks of known tokens, computed lazily by the BlockManager (tokens never change, so never stale)
     num_preemptions: int = 0  # times it was evicted and recomputed
+    matcher: object | None = None  # ember.structured RequestMatcher (grammar state); None: unconstrained
     _all_token_ids: list[int] = field(init=False, repr=False)  # prompt + outputs, one list for slicing
 
     def __post_init__(self) -> None:

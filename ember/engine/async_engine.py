@@ -17,19 +17,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from ember.engine.llm_engine import LLMEngine
-from ember.errors import EmberError, EngineDeadError, QueueFullError
+from ember.errors import EmberError, EngineDeadError, QueueFullError, RequestTimeoutError
 from ember.outputs import RequestOutput
 from ember.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
-
-
-class RequestTimeoutError(EmberError):
-    """The request's deadline (Request-Timeout-Ms) passed before it finished; it was aborted."""
-
-    status_code = 408
-    error_type = "timeout_error"
-    code = "request_timeout"
 
 
 @dataclass
@@ -82,6 +74,12 @@ class AsyncLLM:
         self._wake.set()
         if self._thread is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 30)
+        # callers still waiting (e.g. cancelled at the end of a drain) hear why, instead of hanging
+        for rid in list(self._streams):
+            self._deliver(rid, EngineDeadError("the engine is shutting down"))
+        if self._thread is not None and not self._thread.is_alive():
+            for rid in list(self.engine.groups):
+                self.engine.abort_request(rid)
 
     def is_healthy(self) -> bool:
         return self._dead is None and (self._thread is None or self._thread.is_alive())

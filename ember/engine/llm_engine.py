@@ -12,6 +12,8 @@ import time
 
 from ember.core.request import Request, RequestStatus
 from ember.engine.detokenizer import Detokenizer
+from ember.structured.backend import GrammarBackend
+from ember.structured.bitmask import advance
 from ember.engine.request_group import RequestGroup
 from ember.engine.setup import EngineSetup, build_engine_setup
 from ember.errors import ContextLengthExceededError, InvalidRequestError
@@ -33,6 +35,8 @@ class LLMEngine:
         self.max_model_len = s.max_model_len
         self.eos_token_ids = set(s.eos_token_ids)
         self.detokenizer = Detokenizer(self.tokenizer)
+        # built eagerly: requests are validated on the server's thread, steps run on the engine's
+        self.grammar = GrammarBackend(self.tokenizer, self.runner.vocab_size, sorted(self.eos_token_ids))
         self.groups: dict[str, RequestGroup] = {}  # user request id -> its sequences
         self.seq_to_group: dict[str, RequestGroup] = {}  # core request id -> group
         self.stats_prompt_tokens = 0
@@ -78,6 +82,9 @@ class LLMEngine:
             seqs.append(Request(request_id=seq_id, prompt_token_ids=list(prompt_ids), sampling_params=seq_params,
                                 eos_token_ids=eos, max_tokens=max_tokens, arrival_time=arrival,
                                 cache_salt=cache_salt))
+        if params.structured is not None:  # compiled once (cached by spec); a bad grammar is a 400 here
+            for seq in seqs:
+                seq.matcher = self.grammar.new_matcher(params.structured)
         return RequestGroup.create(request_id, prompt_text, prompt_ids, params, seqs, self.detokenizer, arrival)
 
     def add_group(self, group: RequestGroup) -> None:
@@ -131,6 +138,8 @@ class LLMEngine:
             new_ids = runner_out.sampled_token_ids.get(seq.request_id, [])
             self.stats_generation_tokens += len(new_ids)
             stop_hit = group.on_step(seq, new_ids, runner_out.logprobs.get(seq.request_id), now)
+            if new_ids and seq.matcher is not None and advance(seq.matcher, new_ids):
+                stop_hit = True  # the grammar is complete (or refused a token): the output is done
             if stop_hit and not seq.status.is_finished:
                 self.scheduler.finish_request(seq.request_id, RequestStatus.FINISHED_STOPPED)
             touched[group.request_id] = group

@@ -3,7 +3,8 @@
 A `Linear` holds `weight [out, in]` (+ `bias [out]`) and delegates its matmul to a `QuantMethod`.
 Fused projections (q|k|v, gate|up) are one `Linear` with several `output_sizes`: the checkpoint's
 separate tensors load into row slices of the one weight, so the forward pass is a single matmul.
-New weight formats (fp8, int8, int4) are new `QuantMethod`s in this file and touch nothing else.
+Weight formats (fp8, int8, int4, fp4) are `QuantMethod`s in `ember.layers.quant`, one class per file; a
+layer gets one through `set_quant_method` before its (already quantized) tensors are loaded.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from torch import nn
 
 class QuantMethod:
     """How a Linear stores and applies its weight. Subclasses override any of the three hooks."""
+
+    supports_bias = True  # False: the format's kernels take no bias, and models with bias are refused at build
 
     def create_weights(self, layer: "Linear", bias: bool, dtype: torch.dtype, device: torch.device) -> None:
         layer.weight = nn.Parameter(
@@ -78,6 +81,14 @@ class Linear(nn.Module):
                 f"checkpoint has {tuple(tensor.shape)}"
             )
         dst.copy_(tensor)
+
+    def set_quant_method(self, method: QuantMethod, dtype: torch.dtype, device: torch.device | str) -> None:
+        """Switch to another weight format before loading: drops this layer's tensors, lets `method` create its own."""
+        has_bias = self.bias is not None
+        for name in list(self._parameters):
+            delattr(self, name)
+        self.quant_method = method
+        method.create_weights(self, has_bias, dtype, torch.device(device))
 
     def process_weights_after_loading(self) -> None:
         self.quant_method.process_weights_after_loading(self)

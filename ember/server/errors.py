@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ember.errors import EmberError, InvalidRequestError, QueueFullError
+from ember.errors import EmberError, InvalidRequestError, QueueFullError, RequestTimeoutError  # noqa: F401
 
 logger = logging.getLogger("ember.server")
 
@@ -39,15 +39,6 @@ class ServiceUnavailableError(EmberError):
     status_code = 503
     error_type = "service_unavailable"
     code = "service_unavailable"
-
-
-class RequestTimeoutError(EmberError):
-    """The deadline a client set with `Request-Timeout-Ms` / `X-Request-Timeout` passed first.
-    Same status, type and code as ember.engine.async_engine.RequestTimeoutError."""
-
-    status_code = 408
-    error_type = "timeout_error"
-    code = "request_timeout"
 
 
 class NotSupportedError(InvalidRequestError):

@@ -16,6 +16,7 @@ from ember.layers.attention import build_attention_metadata
 from ember.layers.sampler import Sampler
 from ember.models.registry import get_model_class
 from ember.outputs import TokenLogprob
+from ember.structured.bitmask import apply_bitmask, build_grammar_bitmask
 from ember.worker.kv_cache import allocate_kv_caches, kv_cache_bytes_per_block
 from ember.worker.sampling_inputs import build_sampling_metadata
 
@@ -97,6 +98,9 @@ class ModelRunner:
             return out
         rows = torch.tensor(sample_rows, dtype=torch.int64, device=dev)
         logits = self.model.compute_logits(hidden.index_select(0, rows))  # [N, V] float32
+        grammar = build_grammar_bitmask([r.matcher for r in sampling_reqs], self.vocab_size)
+        if grammar is not None:
+            apply_bitmask(logits, *grammar)  # tokens the grammar forbids -> -inf, in place
         smeta = build_sampling_metadata(sampling_reqs, self.generators, self.vocab_size, dev)
         sampled = self.sampler(logits, smeta)
         ids = sampled.token_ids.tolist()  # the one host sync of the step

@@ -41,7 +41,8 @@ def build_sampling_metadata(requests: list, generators: dict, vocab_size: int, d
 
     banned = None
     for i, (r, p) in enumerate(zip(requests, params)):
-        if p.min_tokens and len(r.output_token_ids) < p.min_tokens:
+        completed = r.matcher is not None and r.matcher.is_completed()  # only EOS may follow: don't ban it
+        if p.min_tokens and len(r.output_token_ids) < p.min_tokens and not completed:
             banned = banned or [[] for _ in requests]
             eos = [] if p.ignore_eos else sorted(r.eos_token_ids)
             banned[i] = [t for t in eos + list(p.stop_token_ids) if 0 <= t < vocab_size]

@@ -13,7 +13,7 @@ V = 50
 
 def _req(rid, params, outputs=(), prompt=(1, 2, 3), eos=(0,)):
     return SimpleNamespace(request_id=rid, sampling_params=params, output_token_ids=list(outputs),
-                           prompt_token_ids=list(prompt), eos_token_ids=set(eos))
+                           prompt_token_ids=list(prompt), eos_token_ids=set(eos), matcher=None)
 
 
 def _sample(logits, reqs, gens=None):
