@@ -80,7 +80,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--baseline", choices=["hf", "none"], default="hf")
+    p.add_argument("--baseline", choices=["hf", "vllm", "none"], default="hf",
+                   help="hf: transformers generate; vllm: vLLM's CPU backend (optional extra, see --vllm-python)")
+    p.add_argument("--vllm-python", default=None, help="interpreter that can import vllm (default: this one)")
     p.add_argument("--hf-batch-size", type=int, default=None, help="transformers batch size (default: all prompts)")
     p.add_argument("--max-batch-size", type=int, default=None)
     p.add_argument("--json", action="store_true", help="print machine-readable results")
@@ -115,6 +117,12 @@ def main(args: argparse.Namespace) -> dict:
         hf_res = run_hf(hf_model, prompts, args.output_len, args.hf_batch_size or args.num_prompts, pad)
         res["transformers"] = hf_res
         res["ratio_vs_transformers"] = ember_res["output_tok_s"] / hf_res["output_tok_s"]
+    if args.baseline == "vllm":
+        from ember.bench.vllm_baseline import run_vllm
+
+        vllm_res = run_vllm(llm, prompts, args.output_len, args.vllm_python, res["dtype"])
+        res["vllm"] = vllm_res
+        res["ratio_vs_vllm"] = ember_res["output_tok_s"] / vllm_res["output_tok_s"]
     print_table(res)
     if args.json:
         print(json.dumps(res, indent=2))
@@ -123,16 +131,18 @@ def main(args: argparse.Namespace) -> dict:
 
 def print_table(res: dict) -> None:
     rows = [("ember", res["ember"])]
-    if "transformers" in res:
-        rows.append(("transformers", res["transformers"]))
+    for name in ("transformers", "vllm"):
+        if name in res:
+            rows.append((name, res[name]))
     print(f"\nmodel {res['model']}  dtype {res['dtype']}  threads {res['threads']}  "
           f"{res['num_prompts']} prompts x ({res['input_len']} in, {res['output_len']} out)")
     print(f"{'engine':<14}{'out tok/s':>12}{'req/s':>10}{'mean TTFT s':>14}{'elapsed s':>12}")
     for name, r in rows:
         ttft = f"{r['mean_ttft_s']:.3f}" if "mean_ttft_s" in r else "-"
         print(f"{name:<14}{r['output_tok_s']:>12.1f}{r['requests_s']:>10.2f}{ttft:>14}{r['elapsed_s']:>12.2f}")
-    if "ratio_vs_transformers" in res:
-        print(f"ember / transformers: {res['ratio_vs_transformers']:.2f}x")
+    for name in ("transformers", "vllm"):
+        if f"ratio_vs_{name}" in res:
+            print(f"ember / {name}: {res[f'ratio_vs_{name}']:.2f}x")
     if "bandwidth_share" in res["ember"]:
         print(f"copy bandwidth {res['copy_bandwidth_gbs']:.1f} GB/s; weights {res['weight_bytes'] / 1e6:.0f} MB; "
               f"batch-1 decode reaches {100 * res['ember']['bandwidth_share']:.0f}% of the weight-streaming limit")
