@@ -64,7 +64,12 @@ def cmd_generate(args) -> int:
     elapsed = time.perf_counter() - start
     print(out.text)
     num = len(out.token_ids)
-    print(f"{num} tokens in {elapsed:.2f} s ({num / max(elapsed, 1e-9):.1f} tok/s)", file=sys.stderr)
+    m = out.metrics
+    decode = ""
+    if num > 1 and m.first_token_time is not None and m.finished_time is not None:
+        decode = f", decode {(num - 1) / max(m.finished_time - m.first_token_time, 1e-9):.1f} tok/s"
+    ttft = f"TTFT {m.ttft:.2f} s" if m.ttft is not None else "TTFT -"
+    print(f"{num} tokens in {elapsed:.2f} s ({ttft}{decode})", file=sys.stderr)
     return 0
 
 

@@ -25,6 +25,18 @@ class RequestMetrics:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
     @property
+    def acceptance_rate(self) -> float | None:
+        """Accepted / proposed speculative tokens (None before any draft)."""
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else None
+
+    @property
+    def mean_tokens_per_step(self) -> float | None:
+        """Output tokens per step that produced any (1.0 without speculation)."""
+        if not self.num_decode_steps:
+            return None
+        return (self.num_decode_steps + self.num_accepted_tokens) / self.num_decode_steps
+
+    @property
     def queue_time(self) -> float | None:
         return None if self.first_scheduled_time is None else self.first_scheduled_time - self.arrival_time
 

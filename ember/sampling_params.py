@@ -33,6 +33,12 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Speculation overrides (None: the engine's build.speculator value; at most that value; 0 turns
+    # the Jacobi window / the verification n-grams off). Outputs are the same either way.
+    lookahead_windows_size: int | None = None  # W
+    lookahead_ngram_size: int | None = None  # N
+    lookahead_verification_set_size: int | None = None  # G
+    enable_b10_lookahead: bool | None = None  # False: no prompt lookup for this request
     structured: "StructuredOutputSpec | None" = None  # grammar constraint (JSON schema, regex, EBNF, choice)
 
     def __post_init__(self) -> None:
@@ -52,6 +58,9 @@ class SamplingParams:
         _check(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", self.presence_penalty, "must be in [-2, 2]")
         _check(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", self.frequency_penalty, "must be in [-2, 2]")
         _check(self.repetition_penalty > 0.0, "repetition_penalty", self.repetition_penalty, "must be positive")
+        for name in ("lookahead_windows_size", "lookahead_ngram_size", "lookahead_verification_set_size"):
+            v = getattr(self, name)
+            _check(v is None or v >= 0, name, v, "must be non-negative")
         for name in ("logprobs", "prompt_logprobs"):
             v = getattr(self, name)
             _check(v is None or 0 <= v <= MAX_LOGPROBS, name, v, f"must be between 0 and {MAX_LOGPROBS}")

@@ -48,10 +48,14 @@ class Checkpoint:
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Open a checkpoint directory or .gguf file; reads metadata only, no weights."""
+    """Open a checkpoint directory, .gguf file or engine directory; reads metadata only, no weights."""
     path = Path(path)
     if path.is_file() and path.suffix == ".gguf":
         return _load_gguf(path)
+    if path.is_dir() and (path / "manifest.json").is_file():  # an engine directory written by `ember build`
+        from ember.build.engine_dir import load_engine
+
+        return load_engine(path)
     if path.is_dir():
         return _load_dir(path)
     if not path.exists():

@@ -19,6 +19,7 @@ from ember.engine.setup import EngineSetup, build_engine_setup
 from ember.errors import ContextLengthExceededError, InvalidRequestError
 from ember.outputs import RequestOutput
 from ember.sampling_params import SamplingParams
+from ember.spec import NoSpeculator
 from ember.worker.model_runner import ModelRunnerOutput
 
 logger = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ class LLMEngine:
         self.tokenizer = s.tokenizer
         self.runner = s.runner
         self.scheduler = s.scheduler
+        self.speculator = s.speculator or NoSpeculator()  # proposes drafts before schedule(), hears results after
         self.max_model_len = s.max_model_len
         self.eos_token_ids = set(s.eos_token_ids)
         self.detokenizer = Detokenizer(self.tokenizer)
@@ -41,6 +43,8 @@ class LLMEngine:
         self.seq_to_group: dict[str, RequestGroup] = {}  # core request id -> group
         self.stats_prompt_tokens = 0
         self.stats_generation_tokens = 0
+        self.stats_draft_tokens = 0  # speculative tokens verified
+        self.stats_accepted_tokens = 0  # of those, accepted
 
     # ---- requests -------------------------------------------------------------------------------
     def make_group(self, request_id: str, prompt: str | list[int], params: SamplingParams,
@@ -52,6 +56,7 @@ class LLMEngine:
             prompt_text, prompt_ids = prompt, self.tokenizer.encode(prompt)
         else:
             prompt_text, prompt_ids = None, [int(t) for t in prompt]
+        self.speculator.check(params)
         if not prompt_ids:
             raise InvalidRequestError("the prompt is empty; give at least one token", param="prompt")
         vocab = self.runner.vocab_size
@@ -122,9 +127,11 @@ class LLMEngine:
 
     # ---- the main loop --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        spec = self.speculator.propose(self.scheduler.running)  # sets request.spec_token_ids
         sched_out = self.scheduler.schedule()
-        runner_out = self.runner.execute(sched_out) if sched_out.scheduled else ModelRunnerOutput()
+        runner_out = self.runner.execute(sched_out, spec) if sched_out.scheduled else ModelRunnerOutput()
         finished = self.scheduler.update(sched_out, runner_out.sampled_token_ids)
+        self.speculator.observe(sched_out, runner_out.spec)
         return self._process(sched_out, runner_out, finished)
 
     def _process(self, sched_out, runner_out: ModelRunnerOutput, finished: list[Request]) -> list[RequestOutput]:
@@ -138,6 +145,11 @@ class LLMEngine:
             new_ids = runner_out.sampled_token_ids.get(seq.request_id, [])
             self.stats_generation_tokens += len(new_ids)
             stop_hit = group.on_step(seq, new_ids, runner_out.logprobs.get(seq.request_id), now)
+            spec = runner_out.spec.get(seq.request_id)
+            if spec is not None:
+                group.on_spec(seq, spec.num_draft_tokens, len(spec.accepted_nodes))
+                self.stats_draft_tokens += spec.num_draft_tokens
+                self.stats_accepted_tokens += len(spec.accepted_nodes)
             if new_ids and seq.matcher is not None and advance(seq.matcher, new_ids):
                 stop_hit = True  # the grammar is complete (or refused a token): the output is done
             if stop_hit and not seq.status.is_finished:
@@ -163,3 +175,4 @@ class LLMEngine:
     def _forget_seq(self, seq_id: str) -> None:
         self.seq_to_group.pop(seq_id, None)
         self.runner.free_request(seq_id)
+        self.speculator.free(seq_id)

@@ -65,6 +65,12 @@ class RequestGroup:
             comp.finish_reason = "stop"
         return stop_hit
 
+    def on_spec(self, seq, num_draft_tokens: int, num_accepted_tokens: int) -> None:
+        """Record a step's speculation for `seq`: drafts verified, and how many were accepted."""
+        m = self.completions[self._index(seq)].metrics
+        m.num_draft_tokens += num_draft_tokens
+        m.num_accepted_tokens += num_accepted_tokens
+
     def on_finished(self, seq, now: float) -> None:
         i = self._index(seq)
         comp, state = self.completions[i], self.states[i]

@@ -12,6 +12,7 @@ import torch
 from ember.checkpoint import load_checkpoint, resolve_checkpoint_path
 from ember.core.block_manager import BlockManager
 from ember.core.scheduler import Scheduler
+from ember.spec import build_speculator
 from ember.worker.device import resolve_device, resolve_dtype
 from ember.worker.model_runner import ModelRunner
 
@@ -31,6 +32,7 @@ class EngineSetup:
     eos_token_ids: list[int]
     device: torch.device
     dtype: torch.dtype
+    speculator: object = None  # ember.spec Speculator (or NoSpeculator) from build.speculator
 
 
 def _num_kv_blocks(cfg, runner: ModelRunner, device: torch.device, max_model_len: int, max_batch_size: int) -> int:
@@ -76,4 +78,5 @@ def build_engine_setup(cfg) -> EngineSetup:
     logger.info("engine: %s (%s) on %s in %s, %d KV blocks of %d tokens, context %d",
                 ckpt.architecture, path, device, dtype, num_blocks, em.block_size, max_model_len)
     return EngineSetup(ckpt, tokenizer, ckpt.chat_template, runner, scheduler, max_model_len, num_blocks,
-                       em.block_size, list(ckpt.eos_token_ids), device, dtype)
+                       em.block_size, list(ckpt.eos_token_ids), device, dtype,
+                       build_speculator(build.speculator, device.type))

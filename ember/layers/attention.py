@@ -93,8 +93,18 @@ class AttentionBackend:
         scale: float,
         sliding_window: int | None = None,
         logit_softcap: float | None = None,
+        kv_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """kv_scale [2] (K, V): set when the cache holds a quantized dtype (fp8): values are stored divided by
+        it and multiplied back when read."""
         raise NotImplementedError
+
+
+def _dequant(kv: torch.Tensor, kv_scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """Gathered cache values [2, ...] in the cache dtype -> true K/V in `dtype`."""
+    if kv_scale is None:
+        return kv
+    return kv.to(dtype) * kv_scale.to(dtype).view(2, *([1] * (kv.dim() - 1)))
 
 
 def _attend(q, k, v, mask, scale, softcap, is_causal=False):
@@ -124,17 +134,25 @@ def _attend(q, k, v, mask, scale, softcap, is_causal=False):
 class TorchAttentionBackend(AttentionBackend):
     """Plain-torch paged attention for CPU (and any device)."""
 
-    def forward(self, q, k, v, kv_cache, metadata, *, scale, sliding_window=None, logit_softcap=None):
+    def forward(self, q, k, v, kv_cache, metadata, *, scale, sliding_window=None, logit_softcap=None, kv_scale=None):
         num_blocks, block_size = kv_cache.shape[1], kv_cache.shape[2]
         flat = kv_cache.view(2, num_blocks * block_size, kv_cache.shape[3], kv_cache.shape[4])
-        flat[0].index_copy_(0, metadata.slot_mapping, k)
-        flat[1].index_copy_(0, metadata.slot_mapping, v)
+        if kv_cache.dtype == k.dtype:
+            kv_scale = None
+            flat[0].index_copy_(0, metadata.slot_mapping, k)
+            flat[1].index_copy_(0, metadata.slot_mapping, v)
+        else:  # fp8 cache: saturate (a plain cast overflows to NaN); copied as bytes (no fp8 index_copy on CPU)
+            fmax = torch.finfo(kv_cache.dtype).max
+            raw = flat.view(torch.uint8)
+            for i, x in enumerate((k, v)):
+                xq = (x.float() / kv_scale[i]).clamp(-fmax, fmax).to(kv_cache.dtype)
+                raw[i].index_copy_(0, metadata.slot_mapping, xq.view(torch.uint8))
         if metadata.is_all_decode and metadata.custom_mask is None:
             return self._decode(q, kv_cache, metadata, metadata.block_tables, metadata.seq_lens,
-                                metadata.max_seq_len, "all", scale, sliding_window, logit_softcap)
-        return self._mixed(q, k, v, kv_cache, metadata, scale, sliding_window, logit_softcap)
+                                metadata.max_seq_len, "all", scale, sliding_window, logit_softcap, kv_scale)
+        return self._mixed(q, k, v, kv_cache, metadata, scale, sliding_window, logit_softcap, kv_scale)
 
-    def _decode(self, q, kv_cache, md, block_tables, seq_lens, max_len, key, scale, window, softcap):
+    def _decode(self, q, kv_cache, md, block_tables, seq_lens, max_len, key, scale, window, softcap, kv_scale=None):
         """One new token per sequence, all sequences at once. q [B, Hq, D] -> [B, Hq, D].
 
         Grouped matmuls rather than SDPA: CPU SDPA's flash kernel is slow for single-token queries, and
@@ -156,7 +174,7 @@ class TorchAttentionBackend(AttentionBackend):
         bt, bias = entry
         num_seqs, num_heads, head_dim = q.shape
         num_kv_heads = kv_cache.shape[3]
-        kv = kv_cache[:, bt].flatten(2, 3).transpose(2, 3)  # [2, B, Hk, S, D]
+        kv = _dequant(kv_cache[:, bt], kv_scale, q.dtype).flatten(2, 3).transpose(2, 3)  # [2, B, Hk, S, D]
         qg = q.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [B, Hk, G, D]
         if softcap is None:
             scores = torch.matmul(qg * scale, kv[0].transpose(-1, -2))  # [B, Hk, G, S]
@@ -165,7 +183,7 @@ class TorchAttentionBackend(AttentionBackend):
         probs = torch.softmax(scores + bias, dim=-1)
         return torch.matmul(probs, kv[1]).view(num_seqs, num_heads, head_dim)
 
-    def _mixed(self, q, k, v, kv_cache, md, scale, window, softcap):
+    def _mixed(self, q, k, v, kv_cache, md, scale, window, softcap, kv_scale=None):
         """Decodes batched through `_decode`; each prefill chunk attended on its own."""
         out = torch.empty_like(q)
         plan = md.derived.get("plan")
@@ -184,7 +202,7 @@ class TorchAttentionBackend(AttentionBackend):
         starts, dec_seqs, pre_seqs, dec_idx, dec_sel, dec_max_len = plan
         if dec_seqs:
             dec_out = self._decode(q[dec_idx], kv_cache, md, md.block_tables[dec_sel], md.seq_lens[dec_sel],
-                                   dec_max_len, "mixed", scale, window, softcap)
+                                   dec_max_len, "mixed", scale, window, softcap, kv_scale)
             out.index_copy_(0, dec_idx, dec_out)
         block_size = kv_cache.shape[2]
         for i in pre_seqs:
@@ -196,7 +214,7 @@ class TorchAttentionBackend(AttentionBackend):
                 ki, vi = k[s:e], v[s:e]  # [L, Hk, D]: no cached context, use the new K/V directly
             else:
                 nblk = -(-seq_len // block_size)
-                kv = kv_cache[:, md.block_tables[i, :nblk]].flatten(1, 2)[:, :seq_len]  # [2, S, Hk, D]
+                kv = _dequant(kv_cache[:, md.block_tables[i, :nblk]], kv_scale, q.dtype).flatten(1, 2)[:, :seq_len]  # [2, S, Hk, D]
                 ki, vi = kv[0], kv[1]
             ki = ki.transpose(0, 1).unsqueeze(0)  # [1, Hk, S, D]
             vi = vi.transpose(0, 1).unsqueeze(0)
@@ -216,5 +234,11 @@ class TorchAttentionBackend(AttentionBackend):
 
 
 def get_attention_backend(device: torch.device | str) -> AttentionBackend:
-    """The attention backend for a device (plain torch everywhere for now)."""
+    """The attention backend for a device: the Triton kernel on CUDA (when triton imports), plain torch elsewhere."""
+    if torch.device(device).type == "cuda":
+        try:
+            from ember.layers.triton.backend import TritonAttentionBackend
+        except ImportError:  # no triton on this install: the torch path still runs on CUDA
+            return TorchAttentionBackend()
+        return TritonAttentionBackend()
     return TorchAttentionBackend()

@@ -51,6 +51,7 @@ class CausalLM(nn.Module):
     num_kv_heads: int
     head_dim: int
     final_logit_softcap: float | None = None
+    kv_cache_dtype: torch.dtype | None = None  # None: the model dtype; set by an engine's quantization
 
     @property
     def kv_cache_spec(self) -> KVCacheSpec:
@@ -88,9 +89,62 @@ class CausalLM(nn.Module):
                 expected.update((path, pname, None) for pname, _ in module.named_parameters(recurse=False))
         return expected
 
+    def apply_quantization(self, quantization: dict) -> None:
+        """Give each Linear the weight format an engine manifest names for it, and the attention layers their
+        KV-cache scales, before the engine's (already quantized) tensors are loaded.
+
+        quantization: the manifest's {"layers": {linear path: {"method": ..., params}}, "kv_cache_dtype": name
+        or None, "kv_cache_scales": [attention paths]}.
+        """
+        from ember.layers.quant import make_quant_method
+
+        for path, spec in quantization.get("layers", {}).items():
+            layer = self.get_submodule(path)
+            if not isinstance(layer, Linear):
+                raise ValueError(f"engine quantizes {path}, which is not a linear layer of {type(self).__name__}")
+            layer.set_quant_method(make_quant_method(spec), self.dtype, self.device)
+        if quantization.get("kv_cache_dtype"):
+            self.kv_cache_dtype = getattr(torch, quantization["kv_cache_dtype"])
+            for path in quantization.get("kv_cache_scales", []):
+                # [2] float32: K and V scales, cache value * scale = true value
+                scale = torch.ones(2, dtype=torch.float32, device=self.device)
+                self.get_submodule(path).register_parameter("kv_scale", nn.Parameter(scale, requires_grad=False))
+
+    @torch.no_grad()
+    def load_engine_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load an engine directory's tensors: ember's own names, quantized tensors in their stored dtypes
+        (copied as they are), the rest cast to the model dtype. Raises naming unexpected/missing ones."""
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            param = params.get(name)
+            if param is None:
+                raise ValueError(f"{type(self).__name__}: engine tensor {name} matches no parameter of the model")
+            if tuple(param.shape) != tuple(tensor.shape):
+                raise ValueError(f"engine tensor {name}: expected shape {tuple(param.shape)}, found {tuple(tensor.shape)}")
+            if param.dtype.is_floating_point != tensor.dtype.is_floating_point or (
+                    param.dtype.itemsize == 1 and param.dtype != tensor.dtype):
+                raise ValueError(f"engine tensor {name}: expected dtype {param.dtype}, found {tensor.dtype}")
+            param.data.copy_(tensor)
+            loaded.add(name)
+        missing = sorted(set(params) - loaded)
+        if missing:
+            raise ValueError(f"{type(self).__name__}: tensors missing from engine: {', '.join(missing[:20])}"
+                             + (f" (and {len(missing) - 20} more)" if len(missing) > 20 else ""))
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.process_weights_after_loading()
+
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Load HF-named tensors (any float dtype; cast to the model dtype). Raises naming unexpected/missing ones."""
+        """Load HF-named tensors (any float dtype; cast to the model dtype). Raises naming unexpected/missing ones.
+
+        An engine directory's checkpoint carries its quantization on the config (`ember_quantization`): then
+        the Linears get their formats first and the tensors load by ember's names, as stored."""
+        quantization = getattr(self.config, "ember_quantization", None)
+        if quantization is not None:
+            self.apply_quantization(quantization)
+            return self.load_engine_weights(weights)
         expected = self._expected_loads()
         loaded: set[tuple[str, str, int | None]] = set()
         unexpected: list[str] = []

@@ -70,6 +70,7 @@ class Attention(nn.Module):
         out = self.backend.forward(
             q, k, v, kv_cache, attn_metadata,
             scale=self.scale, sliding_window=self.sliding_window, logit_softcap=self.logit_softcap,
+            kv_scale=getattr(self, "kv_scale", None),  # [2] K/V scales of a quantized (fp8) cache, set by an engine
         )  # [T, Hq, D]
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 

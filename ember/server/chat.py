@@ -5,7 +5,12 @@ capped) with what Hugging Face templates expect: `raise_exception`, `strftime_no
 filter, loop controls, and the tokenizer's special tokens as variables. A model without a template
 gets a ChatML-style fallback (and a log line at startup). A template sent in a request is refused
 unless the operator set `ember.trust_request_chat_template`. Every rendering failure, including
-a template's own `raise_exception`, is a 400 naming `messages` (or `chat_template`)."""
+a template's own `raise_exception`, is a 400 naming `messages` (or `chat_template`).
+
+Tools: a template that reads `tools` gets them (and the messages' `tool_calls` / `tool` results) as
+HF templates expect; for any other template the tools become ember's built-in system instruction,
+past `tool_calls` become `<tool_call>` blocks and `tool` results `<tool_response>` user turns
+(ember/structured/tools.py), so a conversation with tools renders on every model."""
 
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from ember.errors import InvalidRequestError
 from ember.server.errors import NotSupportedError
 from ember.server.protocol import ChatMessage
+from ember.structured.tools import add_tools_to_messages, inline_tool_messages, template_supports_tools
 
 logger = logging.getLogger("ember.server")
 
@@ -120,6 +126,17 @@ class ChatRenderer:
             name: getattr(tokenizer, name, None) or "" for name in ("bos_token", "eos_token", "unk_token", "pad_token")
         }
 
+    def source_for(self, request_template: str | None) -> str:
+        """The template a request renders with: the model's, or (when trusted) the request's own."""
+        if request_template is None:
+            return self.template_source
+        if not self.trust_request_template:
+            raise InvalidRequestError(
+                "A chat_template in the request is not allowed on this server (ember.trust_request_chat_template is off).",
+                param="chat_template",
+            )
+        return request_template
+
     def render(
         self,
         messages: list[ChatMessage],
@@ -129,21 +146,31 @@ class ChatRenderer:
         request_template: str | None = None,
         template_kwargs: dict[str, Any] | None = None,
     ) -> str:
-        source = self.template_source
-        if request_template is not None:
-            if not self.trust_request_template:
-                raise InvalidRequestError(
-                    "A chat_template in the request is not allowed on this server (ember.trust_request_chat_template is off).",
-                    param="chat_template",
-                )
-            source = request_template
+        source = self.source_for(request_template)
         template = compile_template(source)
+        dicts = messages_to_dicts(messages)
+        if not _supports_tools(source):
+            # the built-in format: tools as a system instruction, past calls and results inline; a
+            # template that handles tool messages itself (but not `tools`) keeps them when no tools are sent
+            if tools or "tool" not in source:
+                try:
+                    dicts = inline_tool_messages(dicts)
+                except ValueError as exc:  # tool_calls arguments that are not JSON
+                    raise InvalidRequestError(f"A tool call's arguments in messages are not valid JSON: {exc}.", param="messages") from exc
+            if tools:
+                dicts = add_tools_to_messages(dicts, tools)
+            tools = None
         context = dict(template_kwargs or {})
         context.update(self.special_tokens)
-        context.update(messages=messages_to_dicts(messages), add_generation_prompt=add_generation_prompt, tools=tools)
+        context.update(messages=dicts, add_generation_prompt=add_generation_prompt, tools=tools)
         try:
             return template.render(**context)
         except jinja2.exceptions.TemplateError as exc:
             raise ChatTemplateError(f"The chat template refused these messages: {exc}", param="messages") from exc
         except (TypeError, ValueError, KeyError, IndexError, AttributeError, ZeroDivisionError, OverflowError, RecursionError) as exc:
             raise ChatTemplateError(f"The chat template failed on these messages: {type(exc).__name__}: {exc}", param="messages") from exc
+
+
+@lru_cache(maxsize=16)
+def _supports_tools(source: str) -> bool:
+    return template_supports_tools(source)

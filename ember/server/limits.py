@@ -3,7 +3,7 @@
 `ServerSettings` gathers what the server reads from the config (host, port, key, limits), once.
 The checks here raise ember errors naming the field and the limit; the route turns them into 400s
 (or 404 for an unknown model). `sampling_params()` is the only place a request becomes
-`SamplingParams`, so structured outputs (a later issue) plug in next to `check_supported()`."""
+`SamplingParams`; the structured-output constraint is built in server/structured.py and passed in."""
 
 from __future__ import annotations
 
@@ -40,6 +40,8 @@ class ServerSettings:
     max_prompt_tokens: int | None = None  # None: the context limit
     max_prompts: int = 64  # prompts in one /v1/completions request
     default_max_tokens: int | None = None  # trt_llm.runtime.request_default_max_tokens
+    max_schema_bytes: int = 64 * 1024  # JSON schema / regex / grammar / choice text
+    max_schema_depth: int = 32  # nesting depth of a JSON schema
 
     @classmethod
     def from_config(cls, cfg) -> "ServerSettings":
@@ -70,16 +72,9 @@ def resolve_lora(model: str | None, engine) -> str | None:
 
 
 def check_supported(req: ChatCompletionRequest | CompletionRequest) -> None:
-    """Valid OpenAI fields that this server does not serve yet: a clean 400, never silent misbehaviour."""
-    if req.response_format is not None and req.response_format.type != "text":
-        raise NotSupportedError(f"response_format type '{req.response_format.type}' is not supported yet.", param="response_format")
-    for name in ("regex", "grammar", "choice"):
-        if getattr(req, name) is not None:
-            raise NotSupportedError(f"Structured output via '{name}' is not supported yet.", param=name)
+    """Valid OpenAI fields that this server does not serve: a clean 400, never silent misbehaviour."""
     if req.logit_bias:
         raise NotSupportedError("logit_bias is not supported yet.", param="logit_bias")
-    if isinstance(req, ChatCompletionRequest) and req.tools and req.tool_choice != "none":
-        raise NotSupportedError("Tool calling is not supported yet; send tool_choice='none' or no tools.", param="tool_choice")
     if isinstance(req, CompletionRequest):
         if req.suffix:
             raise NotSupportedError("suffix is not supported.", param="suffix")
@@ -160,7 +155,7 @@ def resolve_max_tokens(req, num_prompt_tokens: int, max_model_len: int, s: Serve
     return budget if s.max_tokens_limit is None else min(budget, s.max_tokens_limit)
 
 
-def sampling_params(req, max_tokens: int, logprobs: int | None) -> SamplingParams:
+def sampling_params(req, max_tokens: int, logprobs: int | None, structured=None) -> SamplingParams:
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     try:
         return SamplingParams(
@@ -181,6 +176,7 @@ def sampling_params(req, max_tokens: int, logprobs: int | None) -> SamplingParam
             logprobs=logprobs,
             skip_special_tokens=req.skip_special_tokens,
             include_stop_str_in_output=req.include_stop_str_in_output,
+            structured=structured,
         )
     except ValueError as exc:  # SamplingParams names the field first: "top_k=0 must be ..."
         text = str(exc)

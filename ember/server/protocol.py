@@ -4,7 +4,7 @@ Requests: static bounds (ranges of sampling values) live here, so a violation is
 field; limits that come from the config (n, max_tokens, stop count, logprobs) are checked in
 server/limits.py. Unknown fields are accepted and ignored, as vLLM does, so newer SDKs keep working.
 Structured-output fields (`response_format`, `regex`, `grammar`, `choice`, `tools`, `tool_choice`)
-are parsed and kept; server/limits.py refuses what is not served yet, in one place."""
+are parsed here and validated in server/structured.py (which names the field in its 400s)."""
 
 from __future__ import annotations
 
@@ -174,6 +174,7 @@ class AssistantMessage(_Response):
     content: str | None = None
     refusal: str | None = None
     tool_calls: list[ToolCall] | None = None
+    reasoning_content: str | None = None  # the model's <think> text, when it reasons (vLLM's field name)
 
 
 class ChatChoice(_Response):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 import uuid
 
+import anyio
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
@@ -26,6 +27,7 @@ from ember.server.logprobs import completion_logprobs, make_usage
 from ember.server.protocol import CompletionChoice, CompletionRequest, CompletionResponse
 from ember.server.serving import ServerState, dump, encode, finish_reasons, parse_body, run_to_end, sse_response, start_stream
 from ember.server.streaming import Job, OutputStream
+from ember.server.structured import build_spec, needs_structured_work, warm_grammar
 
 
 async def _prompts(state: ServerState, req: CompletionRequest) -> list[tuple[str, list[int]]]:
@@ -60,13 +62,16 @@ async def create_completion(state: ServerState, request: Request):
     check_supported(req)
     check_limits(req, settings)
     deadline, timeout_s = parse_deadline(request.headers)
+    spec = None
+    if needs_structured_work(req):  # response_format / regex / grammar / choice: checked and compiled off the event loop
+        spec = await anyio.to_thread.run_sync(_prepare_spec, state, req)
     prompts = await _prompts(state, req)
     num_logprobs = req.logprobs
     request_id = f"cmpl-{uuid.uuid4().hex}"
     jobs = []
     for i, (_, ids) in enumerate(prompts):
         max_tokens = resolve_max_tokens(req, len(ids), state.max_model_len, settings)
-        jobs.append(Job(f"{request_id}-{i}", ids, sampling_params(req, max_tokens, num_logprobs), lora))
+        jobs.append(Job(f"{request_id}-{i}", ids, sampling_params(req, max_tokens, num_logprobs, spec), lora))
     if req.echo:  # token-id prompts are echoed as their decoded text
         prompts = [(text if text is not None else state.tokenizer.decode(ids), ids) for text, ids in prompts]
     model = req.model or engine.served_model_name
@@ -82,6 +87,12 @@ async def create_completion(state: ServerState, request: Request):
     response = sse_response(lambda: _chunks(state, req, stream, timer, prompts, request_id, model, include_usage), stream, timer)
     response.headers["X-Request-Id"] = request_id
     return response
+
+
+def _prepare_spec(state: ServerState, req: CompletionRequest):
+    spec = build_spec(req, state.settings)
+    warm_grammar(state.engine, spec)
+    return spec
 
 
 def _response(state, req: CompletionRequest, finals, prompts, request_id: str, model: str) -> CompletionResponse:

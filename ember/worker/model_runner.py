@@ -16,7 +16,11 @@ from ember.layers.attention import build_attention_metadata
 from ember.layers.sampler import Sampler
 from ember.models.registry import get_model_class
 from ember.outputs import TokenLogprob
+from ember.spec.tree import (SpecDecodeMetadata, SpecOutput, copy_kv_slots, kv_moves, rope_positions,
+                             tree_attention_mask)
+from ember.spec.verify import verify_drafts
 from ember.structured.bitmask import apply_bitmask, build_grammar_bitmask
+from ember.spec.grammar import build_draft_bitmask
 from ember.worker.kv_cache import allocate_kv_caches, kv_cache_bytes_per_block
 from ember.worker.sampling_inputs import build_sampling_metadata
 
@@ -25,10 +29,11 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ModelRunnerOutput:
-    """Per request that sampled this step: its new tokens, and their logprobs when asked for."""
+    """Per request that sampled this step: its new tokens (accepted drafts + 1), logprobs when asked for."""
 
     sampled_token_ids: dict[str, list[int]] = field(default_factory=dict)
     logprobs: dict[str, list[TokenLogprob]] = field(default_factory=dict)
+    spec: dict[str, SpecOutput] = field(default_factory=dict)  # requests that verified drafts
 
 
 class ModelRunner:
@@ -42,6 +47,7 @@ class ModelRunner:
             self.model = model_cls(checkpoint.hf_config, dtype=dtype, device=device)
         self.model.load_weights(checkpoint.iter_weights())
         self.model.eval()
+        self.kv_cache_dtype = self.model.kv_cache_dtype or dtype  # an engine may quantize the cache (fp8)
         self.vocab_size = int(self.hf_config.vocab_size)
         self.sampler = Sampler()
         self.generators: dict[str, torch.Generator] = {}
@@ -51,21 +57,22 @@ class ModelRunner:
     # ---- KV cache -------------------------------------------------------------------------------
     def bytes_per_block(self) -> int:
         m = self.model
-        return kv_cache_bytes_per_block(m.num_layers, self.block_size, m.num_kv_heads, m.head_dim, self.dtype)
+        return kv_cache_bytes_per_block(m.num_layers, self.block_size, m.num_kv_heads, m.head_dim, self.kv_cache_dtype)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         m = self.model
         self.num_blocks = num_blocks
         self.kv_caches = allocate_kv_caches(m.num_layers, num_blocks, self.block_size, m.num_kv_heads,
-                                            m.head_dim, self.dtype, self.device)
+                                            m.head_dim, self.kv_cache_dtype, self.device)
 
     # ---- one step -------------------------------------------------------------------------------
     def free_request(self, request_id: str) -> None:
         self.generators.pop(request_id, None)
 
     @torch.inference_mode()
-    def execute(self, sched_out) -> ModelRunnerOutput:
-        """Run one step for `sched_out` (ember.core SchedulerOutput); sample where `is_sampling`."""
+    def execute(self, sched_out, spec: SpecDecodeMetadata | None = None) -> ModelRunnerOutput:
+        """Run one step for `sched_out` (ember.core SchedulerOutput); sample where `is_sampling`.
+        Requests with drafts are verified (ember.spec.verify); `spec` gives the shape of tree drafts."""
         for rid in sched_out.finished_ids:
             self.generators.pop(rid, None)
         token_ids: list[int] = []
@@ -73,19 +80,21 @@ class ModelRunner:
         query_lens: list[int] = []
         seq_lens: list[int] = []
         block_tables: list[list[int]] = []
-        sample_rows: list[int] = []  # flat index of the last token of each sampling request
-        sampling_reqs = []
+        trees: list[list[int] | None] = []  # per scheduled request: parents of its tree drafts, or None
+        sample_rows: list[int] = []  # flat index of each sampled position (drafts + 1 per request)
+        sampling_items = []
         for item in sched_out.scheduled:
-            req, n = item.request, item.num_new_tokens
-            start = item.num_computed_tokens
+            n, start = item.num_new_tokens, item.num_computed_tokens
+            tree = spec.tree(item.request.request_id, item.num_draft_tokens) if spec is not None else None
+            trees.append(tree)
             token_ids.extend(item.token_ids())
-            positions.extend(range(start, start + n))
+            positions.extend(rope_positions(start, n, item.num_draft_tokens, tree))
             query_lens.append(n)
             seq_lens.append(start + n)
             block_tables.append(item.block_ids)
             if item.is_sampling:
-                sample_rows.append(len(token_ids) - 1)
-                sampling_reqs.append(req)
+                sample_rows.extend(range(len(token_ids) - item.num_sampled_positions, len(token_ids)))
+                sampling_items.append((item, tree))
         out = ModelRunnerOutput()
         if not token_ids:
             return out
@@ -93,25 +102,69 @@ class ModelRunner:
         input_ids = torch.tensor(token_ids, dtype=torch.int64).to(dev, non_blocking=True)  # [T]
         pos = torch.tensor(positions, dtype=torch.int64).to(dev, non_blocking=True)  # [T]
         meta = build_attention_metadata(query_lens, seq_lens, block_tables, self.block_size, dev)
+        if any(t is not None for t in trees):
+            meta.custom_mask = tree_attention_mask(sched_out.scheduled, trees, meta.max_seq_len, dev)
         hidden = self.model(input_ids, pos, self.kv_caches, meta)  # [T, H]
-        if not sampling_reqs:
+        if not sampling_items:
             return out
         rows = torch.tensor(sample_rows, dtype=torch.int64, device=dev)
-        logits = self.model.compute_logits(hidden.index_select(0, rows))  # [N, V] float32
-        grammar = build_grammar_bitmask([r.matcher for r in sampling_reqs], self.vocab_size)
+        logits = self.model.compute_logits(hidden.index_select(0, rows))  # [R, V] float32
+        if not any(item.num_draft_tokens for item, _ in sampling_items):
+            self._sample(logits, [item.request for item, _ in sampling_items], out)
+            return out
+        plain_rows, plain_reqs, spec_rows, spec_items = [], [], [], []
+        row = 0
+        for item, tree in sampling_items:
+            k = item.num_sampled_positions
+            if item.num_draft_tokens:
+                spec_rows.extend(range(row, row + k))
+                spec_items.append((item, tree))
+            else:
+                plain_rows.append(row)
+                plain_reqs.append(item.request)
+            row += k
+        if plain_reqs:
+            self._sample(logits[plain_rows], plain_reqs, out)
+        self._verify(logits[spec_rows], spec_items, out)
+        return out
+
+    def _sample(self, logits: torch.Tensor, reqs: list, out: ModelRunnerOutput) -> None:
+        """One token per request from logits [N, V] (one row each)."""
+        grammar = build_grammar_bitmask([getattr(r, "matcher", None) for r in reqs], self.vocab_size)
         if grammar is not None:
             apply_bitmask(logits, *grammar)  # tokens the grammar forbids -> -inf, in place
-        smeta = build_sampling_metadata(sampling_reqs, self.generators, self.vocab_size, dev)
+        smeta = build_sampling_metadata(reqs, self.generators, self.vocab_size, self.device)
         sampled = self.sampler(logits, smeta)
         ids = sampled.token_ids.tolist()  # the one host sync of the step
         chosen = sampled.logprobs.tolist() if sampled.logprobs is not None else None
         top_vals = top_ids = None
         if sampled.top_logprobs is not None:
             top_vals, top_ids = (t.tolist() for t in sampled.top_logprobs)
-        for i, req in enumerate(sampling_reqs):
+        for i, req in enumerate(reqs):
             out.sampled_token_ids[req.request_id] = [ids[i]]
             k = req.sampling_params.logprobs
             if k is not None and chosen is not None:
                 top = list(zip(top_ids[i][:k], top_vals[i][:k])) if k and top_ids is not None else []
                 out.logprobs[req.request_id] = [TokenLogprob(ids[i], chosen[i], top)]
-        return out
+
+    def _verify(self, logits: torch.Tensor, items: list, out: ModelRunnerOutput) -> None:
+        """Verify drafts: logits [R, V] hold drafts + 1 rows per request. Accepted tree paths get their
+        K/V moved to where plain decoding would have put it (the scheduler truncates the rest)."""
+        row_reqs = [item.request for item, _ in items for _ in range(item.num_sampled_positions)]
+        smeta = build_sampling_metadata(row_reqs, self.generators, self.vocab_size, self.device)
+        drafts = [item.request.spec_token_ids[:item.num_draft_tokens] for item, _ in items]
+        grammar = build_draft_bitmask([getattr(item.request, "matcher", None) for item, _ in items], drafts,
+                                      self.vocab_size)
+        if grammar is not None:
+            apply_bitmask(logits, *grammar)  # each verified position masked by the grammar state it sees
+        tokens, spec_outs = verify_drafts(logits, smeta, drafts, [tree for _, tree in items])
+        src, dst = [], []
+        for (item, tree), toks, so in zip(items, tokens, spec_outs):
+            rid = item.request.request_id
+            out.sampled_token_ids[rid] = toks
+            out.spec[rid] = so
+            if tree is not None:
+                s, d = kv_moves(item, so.accepted_nodes, self.block_size)
+                src.extend(s)
+                dst.extend(d)
+        copy_kv_slots(self.kv_caches, src, dst)

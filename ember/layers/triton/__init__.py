@@ -1,0 +1,1 @@
+"""Triton kernels for CUDA (also runnable on CPU tensors through the Triton interpreter, for tests)."""

@@ -1,0 +1,95 @@
+"""The real server for end-to-end tests: the default model (SmolLM2-135M-Instruct) in a real
+AsyncLLM, served by uvicorn on a thread over a pre-bound loopback socket (connections queue on the
+socket until uvicorn accepts them, so no polling for readiness), as tests/server/conftest.py does
+with a fake engine. Also bounded polling, the only way these tests wait for a condition."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+import time
+from typing import Callable
+
+import httpx
+
+from ember.config import load_config
+from ember.engine.async_engine import AsyncLLM
+from ember.server.app import build_server, create_app
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+API_KEY = "e2e-key"
+POLL_TIMEOUT_S = 30.0  # a bound on waiting for a condition, never a synchronization sleep
+
+
+class RealServer:
+    """uvicorn + the real engine; `url` is the server root (the OpenAI base URL is url + "/v1")."""
+
+    def __init__(self, **overrides):
+        self.cfg = load_config(None, **{"dtype": "bfloat16", "max_seq_len": 1024, **overrides})
+        self.engine = AsyncLLM(self.cfg)
+        self.app = create_app(self.engine, self.cfg)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(256)
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = build_server(self.app, "127.0.0.1", self.port, log_level="warning")
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    @property
+    def headers(self) -> dict:
+        return {"Authorization": f"Bearer {self.cfg.ember.api_key}"} if self.cfg.ember.api_key else {}
+
+    @property
+    def block_manager(self):
+        return self.engine.engine.scheduler.block_manager
+
+    @property
+    def model(self) -> str:
+        return self.engine.served_model_name
+
+    def client(self, **kw) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers=self.headers, timeout=60, **kw)
+
+    def kv_usage(self) -> float:
+        """ember_kv_cache_usage_perc as /metrics reports it."""
+        text = httpx.get(f"{self.url}/metrics", headers=self.headers, timeout=10).text
+        line = next(li for li in text.splitlines() if li.startswith("ember_kv_cache_usage_perc "))
+        return float(line.split()[1])
+
+    def is_idle(self) -> bool:
+        """No request running or waiting, every KV block free, and /metrics agrees."""
+        stats = self.engine.stats()
+        return (stats.num_running == 0 and stats.num_waiting == 0
+                and self.block_manager.num_free_blocks == self.block_manager.num_blocks and self.kv_usage() == 0.0)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        assert not self.thread.is_alive(), "uvicorn did not stop"
+
+
+@contextlib.contextmanager
+def real_server(**overrides):
+    server = RealServer(**overrides)
+    server.thread.start()
+    try:
+        yield server
+    finally:
+        if server.thread.is_alive():
+            server.stop()
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = POLL_TIMEOUT_S, interval: float = 0.05) -> bool:
+    """Poll `condition` until it holds or `timeout` seconds pass; returns whether it held."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if condition():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)

