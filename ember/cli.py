@@ -79,7 +79,9 @@ def cmd_build(args) -> int:
         from ember.build.builder import build_engine
     except ImportError:
         return _fail("ember build: quantized engine building is not implemented yet", 1)
-    print(build_engine(cfg, args.output))
+    out = build_engine(cfg, args.output, int4_group_size=args.int4_group_size, num_eval_prompts=args.num_eval_prompts,
+                       progress=sys.stderr.isatty())
+    print(f"engine written to {out}")
     return 0
 
 
@@ -114,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("build", help="resolve, quantize and calibrate a checkpoint into an engine directory")
     p.add_argument("config", help="config.yaml")
     p.add_argument("-o", "--output", required=True, help="engine directory to write")
+    p.add_argument("--int4-group-size", type=int, choices=[32, 64, 128], default=128,
+                   help="int4: weights per scale group (default 128; smaller where a row does not divide)")
+    p.add_argument("--num-eval-prompts", type=int, default=8, help="held-out prompts for the quality report")
     p.set_defaults(func=cmd_build)
 
     p = sub.add_parser("generate", help="one-off generation; prints the text, and its speed on stderr")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ember.bench import invariance, offline
+from ember.bench import gpu, invariance, offline
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -12,9 +12,13 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="mode", required=True)
     offline.add_args(sub.add_parser("offline", help="N prompts through the engine vs transformers generate"))
     invariance.add_args(sub.add_parser("invariance", help="greedy outputs alone vs in a batch"))
+    gpu.add_args(sub.add_parser("gpu", help="a published architecture with random weights: decode/prefill tok/s "
+                                            "vs transformers and the device's measured limits"))
     args = parser.parse_args(argv)
     if args.mode == "offline":
         offline.main(args)
     elif args.mode == "invariance":
         invariance.main(args)
+    elif args.mode == "gpu":
+        gpu.main(args)
     return 0

@@ -1,5 +1,8 @@
 """`ember bench offline`: N prompts of fixed input/output lengths through ember, and the same workload
-through transformers `generate` (batched, left-padded, same dtype and max tokens) in the same run."""
+through transformers `generate` (batched, left-padded, same dtype and max tokens) in the same run.
+`--structured json` also runs the same prompts with every request constrained by a JSON schema (one
+that cannot complete within --output-len, so both runs produce the same number of tokens) and prints
+the constrained / free throughput ratio: the cost of grammar masking."""
 
 from __future__ import annotations
 
@@ -22,9 +25,19 @@ def make_prompts(vocab_size: int, num_prompts: int, input_len: int, seed: int, s
     return [[rng.choice(allowed) for _ in range(input_len)] for _ in range(num_prompts)]
 
 
-def run_ember(llm, prompts: list[list[int]], output_len: int) -> dict:
-    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
-    llm.generate([prompts[0][:8]], SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
+# An array of records with at least as many items as output tokens: the grammar never completes early.
+def bench_json_schema(output_len: int) -> dict:
+    item = {"type": "object", "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 9999},
+                                             "name": {"type": "string", "maxLength": 12}, "ok": {"type": "boolean"},
+                                             "kind": {"enum": ["a", "b", "c"]}},
+            "required": ["id", "name", "ok", "kind"], "additionalProperties": False}
+    return {"type": "object", "properties": {"records": {"type": "array", "items": item, "minItems": output_len}},
+            "required": ["records"], "additionalProperties": False}
+
+
+def run_ember(llm, prompts: list[list[int]], output_len: int, structured=None) -> dict:
+    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True, structured=structured)
+    llm.generate([prompts[0][:8]], SamplingParams(max_tokens=4, ignore_eos=True, structured=structured))  # warm-up
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=sys.stderr.isatty())
     elapsed = time.perf_counter() - t0
@@ -86,6 +99,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hf-batch-size", type=int, default=None, help="transformers batch size (default: all prompts)")
     p.add_argument("--max-batch-size", type=int, default=None)
     p.add_argument("--json", action="store_true", help="print machine-readable results")
+    p.add_argument("--structured", choices=["none", "json"], default="none",
+                   help="json: also run every request constrained by a JSON schema and compare with the free run")
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -106,6 +121,14 @@ def main(args: argparse.Namespace) -> dict:
            "num_prompts": args.num_prompts, "input_len": args.input_len, "output_len": args.output_len,
            "threads": torch.get_num_threads(), "copy_bandwidth_gbs": bw, "weight_bytes": weight_bytes,
            "ember": {k: v for k, v in ember_res.items() if k != "token_ids"}}
+    if getattr(args, "structured", "none") == "json":
+        from ember.structured.spec import spec_from_response_format
+
+        spec = spec_from_response_format({"type": "json_schema", "json_schema": {
+            "name": "bench", "schema": bench_json_schema(args.output_len), "strict": True}})
+        json_res = run_ember(llm, prompts, args.output_len, structured=spec)
+        res["ember_json"] = {k: v for k, v in json_res.items() if k != "token_ids"}
+        res["ratio_json_vs_free"] = json_res["output_tok_s"] / ember_res["output_tok_s"]
     if args.num_prompts == 1:
         # batch-1 decode streams the weights once per step: the share of the copy bandwidth it reaches
         step_s = ember_res["elapsed_s"] / max(1, args.output_len)
@@ -130,7 +153,7 @@ def main(args: argparse.Namespace) -> dict:
 
 
 def print_table(res: dict) -> None:
-    rows = [("ember", res["ember"])]
+    rows = [("ember", res["ember"])] + ([("ember json", res["ember_json"])] if "ember_json" in res else [])
     for name in ("transformers", "vllm"):
         if name in res:
             rows.append((name, res[name]))
@@ -140,6 +163,8 @@ def print_table(res: dict) -> None:
     for name, r in rows:
         ttft = f"{r['mean_ttft_s']:.3f}" if "mean_ttft_s" in r else "-"
         print(f"{name:<14}{r['output_tok_s']:>12.1f}{r['requests_s']:>10.2f}{ttft:>14}{r['elapsed_s']:>12.2f}")
+    if "ratio_json_vs_free" in res:
+        print(f"ember json-schema constrained / free: {res['ratio_json_vs_free']:.3f}x")
     for name in ("transformers", "vllm"):
         if f"ratio_vs_{name}" in res:
             print(f"ember / {name}: {res[f'ratio_vs_{name}']:.2f}x")

@@ -95,6 +95,9 @@ class BodyLimitMiddleware:
     def __init__(self, app, max_body_bytes: int):
         self.app = app
         self.max_body_bytes = max_body_bytes
+        # A refused body up to this size is read and dropped before the 413 goes out: closing a
+        # connection with unread bytes makes the kernel reset it, and the client sees the reset.
+        self.max_drain_bytes = 4 * max_body_bytes
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
@@ -106,7 +109,7 @@ class BodyLimitMiddleware:
                 except ValueError:
                     return await send_json(send, 400, error_body("Invalid Content-Length header.", "invalid_request_error", None, "invalid_header"))
                 if declared > self.max_body_bytes:
-                    return await self._too_large(send)
+                    return await self._too_large(receive, send, is_draining=declared <= self.max_drain_bytes)
         chunks, size = [], 0
         while True:
             message = await receive()
@@ -115,7 +118,7 @@ class BodyLimitMiddleware:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body_bytes:
-                return await self._too_large(send)
+                return await self._too_large(receive, send, is_draining=message.get("more_body", False), num_read=size)
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
@@ -131,6 +134,12 @@ class BodyLimitMiddleware:
 
         await self.app(scope, replay, send)
 
-    async def _too_large(self, send):
+    async def _too_large(self, receive, send, is_draining: bool, num_read: int = 0):
+        while is_draining and num_read <= self.max_drain_bytes:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            num_read += len(message.get("body", b""))
+            is_draining = message.get("more_body", False)
         msg = f"The request body is larger than the limit of {self.max_body_bytes} bytes (ember.max_body_bytes)."
         await send_json(send, 413, error_body(msg, "invalid_request_error", None, "request_too_large"), [(b"connection", b"close")])

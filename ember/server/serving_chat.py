@@ -107,7 +107,7 @@ def _prepare_structured(state: ServerState, req: ChatCompletionRequest) -> tuple
         template_kwargs=req.chat_template_kwargs,
     )
     meta = _metadata(state, req, text, tool_names=frozenset(f["name"] for f in funcs) if shown else None)
-    meta.spec = build_spec(req, state.settings, funcs=funcs if shown else None, tool_choice=req.tool_choice,
+    meta.spec = build_spec(req, state.settings, tools=shown, tool_choice=req.tool_choice,
                            is_reasoning=meta.is_reasoning)
     warm_grammar(state.engine, meta.spec)
     return text, meta

@@ -60,7 +60,7 @@ def _response_format_dict(req) -> dict | None:
     return None if rf is None else rf.model_dump(exclude_none=True)
 
 
-def build_spec(req, settings, *, funcs: list[dict] | None = None, tool_choice: Any = None,
+def build_spec(req, settings, *, tools: list[Any] | None = None, tool_choice: Any = None,
                is_reasoning: bool = False) -> StructuredOutputSpec | None:
     """The request's constraint: a forced tool call, else response_format / regex / grammar / choice.
     Raises InvalidRequestError naming the field."""
@@ -69,8 +69,8 @@ def build_spec(req, settings, *, funcs: list[dict] | None = None, tool_choice: A
     extra = {name: getattr(req, name, None) for name in _EXTRA_FIELDS}
     spec = spec_from_response_format(_response_format_dict(req), extra, reasoning=is_reasoning,
                                      max_bytes=settings.max_schema_bytes, max_depth=settings.max_schema_depth)
-    if funcs:
-        forced = tool_call_spec(funcs, tool_choice, getattr(req, "parallel_tool_calls", None), reasoning=is_reasoning)
+    if tools:  # OpenAI-format tools (the prompt shows them)
+        forced = tool_call_spec(tools, tool_choice, getattr(req, "parallel_tool_calls", None), reasoning=is_reasoning)
         if forced is not None:
             return forced
     return spec
@@ -120,6 +120,7 @@ class ChatOutputParser:
     def __init__(self, meta: ChatOutputMetadata):
         self.reasoning = ReasoningStreamParser(meta.starts_in_reasoning) if meta.is_reasoning else None
         self.tools = ToolCallStreamParser(meta.tool_names) if meta.tool_names is not None else None
+        self._reasoning_ws = ""  # trailing whitespace of the reasoning, held: dropped if </think> follows
 
     @property
     def has_calls(self) -> bool:
@@ -136,7 +137,11 @@ class ChatOutputParser:
     def _deltas(self, reasoning: str | None, content: str | None, final: bool) -> list[dict]:
         out: list[dict] = []
         if reasoning:
-            out.append({"reasoning_content": reasoning})
+            text = self._reasoning_ws + reasoning
+            kept = text.rstrip()
+            self._reasoning_ws = text[len(kept):]
+            if kept:
+                out.append({"reasoning_content": kept})
         if self.tools is None:
             if content:
                 out.append({"content": content})

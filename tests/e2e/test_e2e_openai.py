@@ -42,13 +42,13 @@ def test_models(sdk, server):
 
 
 def test_chat(sdk, server):
-    resp = sdk.chat.completions.create(model=server.model, messages=MSGS, max_tokens=12, temperature=0)
+    resp = sdk.chat.completions.create(model=server.model, messages=MSGS, max_tokens=8, temperature=0)
     (choice,) = resp.choices
     assert choice.message.role == "assistant" and choice.message.content
     assert choice.finish_reason in ("stop", "length")
     ids = rendered_prompt_ids(server, MSGS)
     assert resp.usage.prompt_tokens == len(ids)
-    assert 0 < resp.usage.completion_tokens <= 12
+    assert 0 < resp.usage.completion_tokens <= 8
     assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
     # the server's own /tokenize agrees with the tokenizer
     with server.client() as http:
@@ -56,7 +56,7 @@ def test_chat(sdk, server):
 
     # the stream carries the same greedy text, its usage last
     chunks = list(sdk.chat.completions.create(
-        model=server.model, messages=MSGS, max_tokens=12, temperature=0, stream=True, stream_options={"include_usage": True}))
+        model=server.model, messages=MSGS, max_tokens=8, temperature=0, stream=True, stream_options={"include_usage": True}))
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == choice.message.content
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == choice.finish_reason
@@ -66,26 +66,26 @@ def test_chat(sdk, server):
 
 
 def test_completions(sdk, server):
-    resp = sdk.completions.create(model=server.model, prompt=PROMPT, max_tokens=10, temperature=0, extra_body=FIXED)
+    resp = sdk.completions.create(model=server.model, prompt=PROMPT, max_tokens=6, temperature=0, extra_body=FIXED)
     (choice,) = resp.choices
     assert choice.finish_reason == "length" and choice.text
     tok = server.engine.tokenizer
     assert resp.usage.prompt_tokens == len(tok.encode(PROMPT))
-    assert resp.usage.completion_tokens == 10
+    assert resp.usage.completion_tokens == 6
 
     chunks = list(sdk.completions.create(
-        model=server.model, prompt=PROMPT, max_tokens=10, temperature=0, stream=True, stream_options={"include_usage": True},
+        model=server.model, prompt=PROMPT, max_tokens=6, temperature=0, stream=True, stream_options={"include_usage": True},
         extra_body=FIXED))
     assert "".join(c.choices[0].text for c in chunks if c.choices) == choice.text
-    assert chunks[-1].usage.completion_tokens == 10 and chunks[-1].usage.prompt_tokens == resp.usage.prompt_tokens
+    assert chunks[-1].usage.completion_tokens == 6 and chunks[-1].usage.prompt_tokens == resp.usage.prompt_tokens
 
     # token ids as the prompt, and a batch of prompts: one choice each, in order
     ids = tok.encode(PROMPT)
-    by_ids = sdk.completions.create(model=server.model, prompt=ids, max_tokens=10, temperature=0, extra_body=FIXED)
+    by_ids = sdk.completions.create(model=server.model, prompt=ids, max_tokens=6, temperature=0, extra_body=FIXED)
     assert by_ids.choices[0].text == choice.text
-    batch = sdk.completions.create(model=server.model, prompt=[PROMPT, "1, 2, 3,"], max_tokens=10, temperature=0, extra_body=FIXED)
+    batch = sdk.completions.create(model=server.model, prompt=[PROMPT, "1, 2, 3,"], max_tokens=6, temperature=0, extra_body=FIXED)
     assert [c.index for c in batch.choices] == [0, 1] and batch.choices[0].text == choice.text
-    assert batch.usage.prompt_tokens == len(ids) + len(tok.encode("1, 2, 3,")) and batch.usage.completion_tokens == 20
+    assert batch.usage.prompt_tokens == len(ids) + len(tok.encode("1, 2, 3,")) and batch.usage.completion_tokens == 12
 
 
 def test_n2(sdk, server):
@@ -109,38 +109,37 @@ def test_n2(sdk, server):
 
 
 def test_stop(sdk, server):
-    full = sdk.completions.create(model=server.model, prompt=PROMPT, max_tokens=24, temperature=0, extra_body=FIXED).choices[0].text
+    full = sdk.completions.create(model=server.model, prompt=PROMPT, max_tokens=12, temperature=0, extra_body=FIXED).choices[0].text
     words = full.split()
     assert len(words) >= 3, full
     stop = words[2]
     expected = full[:full.index(stop)]
-    resp = sdk.completions.create(model=server.model, prompt=PROMPT, max_tokens=24, temperature=0, stop=[stop, "@@never@@"])
+    resp = sdk.completions.create(model=server.model, prompt=PROMPT, max_tokens=12, temperature=0, stop=[stop, "@@never@@"])
     assert resp.choices[0].text == expected and resp.choices[0].finish_reason == "stop"
-    streamed = list(sdk.completions.create(model=server.model, prompt=PROMPT, max_tokens=24, temperature=0, stop=stop, stream=True))
+    streamed = list(sdk.completions.create(model=server.model, prompt=PROMPT, max_tokens=12, temperature=0, stop=stop, stream=True))
     assert "".join(c.choices[0].text for c in streamed) == expected
     assert streamed[-1].choices[0].finish_reason == "stop"
 
-    chat_full = sdk.chat.completions.create(model=server.model, messages=MSGS, max_tokens=24, temperature=0).choices[0].message.content
+    chat_full = sdk.chat.completions.create(model=server.model, messages=MSGS, max_tokens=8, temperature=0).choices[0].message.content
     chat_stop = chat_full.split()[1]
-    chat = sdk.chat.completions.create(model=server.model, messages=MSGS, max_tokens=24, temperature=0, stop=chat_stop)
+    chat = sdk.chat.completions.create(model=server.model, messages=MSGS, max_tokens=8, temperature=0, stop=chat_stop)
     assert chat.choices[0].message.content == chat_full[:chat_full.index(chat_stop)]
     assert chat.choices[0].finish_reason == "stop"
 
 
 def test_seed_reproducible(sdk, server):
     def chat(seed, stream=False):
-        kw = dict(model=server.model, messages=MSGS, max_tokens=16, temperature=1.0, top_p=0.95, seed=seed, extra_body=FIXED)
+        kw = dict(model=server.model, messages=MSGS, max_tokens=8, temperature=1.0, seed=seed, extra_body=FIXED)
         if stream:
             return "".join(c.choices[0].delta.content or "" for c in sdk.chat.completions.create(stream=True, **kw) if c.choices)
         return sdk.chat.completions.create(**kw).choices[0].message.content
 
     first = chat(1234)
-    assert chat(1234) == first
     assert chat(1234, stream=True) == first
     assert any(chat(seed) != first for seed in (1, 2, 3))  # the seed, not greedy decoding, made them equal
 
     def comp(seed):
-        return sdk.completions.create(model=server.model, prompt=PROMPT, max_tokens=16, temperature=1.2, seed=seed, extra_body=FIXED).choices[0].text
+        return sdk.completions.create(model=server.model, prompt=PROMPT, max_tokens=8, temperature=1.2, seed=seed, extra_body=FIXED).choices[0].text
 
     assert comp(99) == comp(99)
 

@@ -50,11 +50,13 @@ def _reference(q, k, v, scale, window, softcap, mask=None):
 
 
 def _case(query_lens, seq_lens, *, hq, hk, d, bs=16, dtype=torch.float32, window=None, softcap=None,
-          custom=False, num_splits=None, device="cpu", seed=0, check_torch=True):
+          custom=False, num_splits=None, device="cpu", seed=0, check_torch=True, kv_fp8=False):
     g = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     num_blocks = sum(-(-s // bs) for s in seq_lens) + 3
-    kv_cache = allocate_kv_caches(1, num_blocks, bs, hk, d, dtype, device)[0]
+    cache_dtype = torch.float8_e4m3fn if kv_fp8 else dtype
+    kv_cache = allocate_kv_caches(1, num_blocks, bs, hk, d, cache_dtype, device)[0]
+    kv_scale = torch.tensor([0.02, 0.03], device=device) if kv_fp8 else None
     free = list(range(num_blocks))
     rng.shuffle(free)
     tables, full_k, full_v, qs, masks = [], [], [], [], []
@@ -63,11 +65,13 @@ def _case(query_lens, seq_lens, *, hq, hk, d, bs=16, dtype=torch.float32, window
         tables.append(table)
         k = torch.randn(sl, hk, d, generator=g).to(dtype)
         v = torch.randn(sl, hk, d, generator=g).to(dtype)
+        if kv_fp8:  # what the cache will hold: values / scale in fp8
+            k8, v8 = (k.float() / 0.02).to(cache_dtype), (v.float() / 0.03).to(cache_dtype)
         for p in range(sl - ql):  # the cached context
-            kv_cache[0, table[p // bs], p % bs] = k[p].to(device)
-            kv_cache[1, table[p // bs], p % bs] = v[p].to(device)
-        full_k.append(k)
-        full_v.append(v)
+            kv_cache[0, table[p // bs], p % bs] = (k8 if kv_fp8 else k)[p].to(device)
+            kv_cache[1, table[p // bs], p % bs] = (v8 if kv_fp8 else v)[p].to(device)
+        full_k.append(k8.float() * 0.02 if kv_fp8 else k)
+        full_v.append(v8.float() * 0.03 if kv_fp8 else v)
         qs.append(torch.randn(ql, hq, d, generator=g).to(dtype))
         if custom:  # a random tree-like mask: each new token sees a random subset of the context and itself
             m = torch.rand(ql, sl, generator=g) < 0.6
@@ -78,12 +82,12 @@ def _case(query_lens, seq_lens, *, hq, hk, d, bs=16, dtype=torch.float32, window
         md.custom_mask = torch.cat(
             [torch.nn.functional.pad(m, (0, md.max_seq_len - m.shape[1])) for m in masks]).to(device)
     q = torch.cat(qs).to(device)
-    k_new = torch.cat([k[-ql:] for k, ql in zip(full_k, query_lens)]).to(device)
-    v_new = torch.cat([v[-ql:] for v, ql in zip(full_v, query_lens)]).to(device)
+    k_new = torch.cat([k[-ql:] for k, ql in zip(full_k, query_lens)]).to(device=device, dtype=dtype)
+    v_new = torch.cat([v[-ql:] for v, ql in zip(full_v, query_lens)]).to(device=device, dtype=dtype)
     scale = 1 / math.sqrt(d)
     torch_cache = kv_cache.clone()
     out = TritonAttentionBackend(num_splits=num_splits).forward(
-        q, k_new, v_new, kv_cache, md, scale=scale, sliding_window=window, logit_softcap=softcap)
+        q, k_new, v_new, kv_cache, md, scale=scale, sliding_window=window, logit_softcap=softcap, kv_scale=kv_scale)
     assert out.dtype == dtype and out.shape == q.shape
     ref = torch.cat([
         _reference(qi, ki, vi, scale, window, softcap, masks[i] if custom else None)
@@ -92,11 +96,14 @@ def _case(query_lens, seq_lens, *, hq, hk, d, bs=16, dtype=torch.float32, window
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out.double().cpu(), ref, atol=tol, rtol=tol)
     flat = kv_cache.view(2, -1, hk, d)  # the new K/V landed at their slots
-    assert torch.equal(flat[0, md.slot_mapping], k_new) and torch.equal(flat[1, md.slot_mapping], v_new)
+    if kv_fp8:
+        torch.testing.assert_close(flat[0, md.slot_mapping].float() * 0.02, k_new.float(), atol=2e-2, rtol=2e-2)
+    else:
+        assert torch.equal(flat[0, md.slot_mapping], k_new) and torch.equal(flat[1, md.slot_mapping], v_new)
     if check_torch:
         md.derived.clear()
         out_t = TorchAttentionBackend().forward(q, k_new, v_new, torch_cache, md, scale=scale,
-                                                sliding_window=window, logit_softcap=softcap)
+                                                sliding_window=window, logit_softcap=softcap, kv_scale=kv_scale)
         torch.testing.assert_close(out.float(), out_t.float(), atol=tol, rtol=tol)
 
 
@@ -117,6 +124,8 @@ CASES = {
     "decode-custom-mask": dict(lens=DECODE, hq=4, hk=1, d=64, custom=True),
     "mixed-bf16": dict(lens=MIXED, hq=4, hk=1, d=64, dtype=torch.bfloat16),
     "decode-fp16": dict(lens=DECODE, hq=4, hk=2, d=64, dtype=torch.float16),
+    "mixed-fp8-kv-bf16": dict(lens=MIXED, hq=4, hk=2, d=64, dtype=torch.bfloat16, kv_fp8=True,
+                              check_torch=False),  # the torch backend's fp8 write has no CPU kernel
     "mixed-group3-d80": dict(lens=MIXED, hq=6, hk=2, d=80),  # non-power-of-two group and head_dim
 }
 

@@ -34,6 +34,22 @@ class LiveServer:
         self.thread.join(timeout=30)
 
 
+@pytest.fixture
+def start_server():
+    """start_server(app) -> a LiveServer for another app (a fake engine's), stopped after the test."""
+    servers = []
+
+    def start(app) -> LiveServer:
+        server = LiveServer(app)
+        server.thread.start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
 @pytest.fixture(scope="session")
 def live():
     from ember.config import load_config
@@ -49,8 +65,9 @@ def live():
 
 
 @pytest.fixture(scope="session")
-def engine(live):
-    return live.server.config.app.state.ember.engine
+def server_state(live):
+    """The app's ServerState (renderer, settings, engine)."""
+    return live.server.config.app.state.ember
 
 
 @pytest.fixture(scope="session")

@@ -26,12 +26,12 @@ class TritonAttentionBackend(AttentionBackend):
             kv_scale = None
             flat[0].index_copy_(0, metadata.slot_mapping, k)
             flat[1].index_copy_(0, metadata.slot_mapping, v)
-        else:  # fp8 cache: saturate (a plain cast overflows to NaN)
+        else:  # fp8 cache: saturate (a plain cast overflows to NaN); write the bytes (index_copy_ has no fp8 on CPU)
             fmax = torch.finfo(kv_cache.dtype).max
-            flat[0].index_copy_(0, metadata.slot_mapping,
-                                (k.float() / kv_scale[0]).clamp(-fmax, fmax).to(kv_cache.dtype))
-            flat[1].index_copy_(0, metadata.slot_mapping,
-                                (v.float() / kv_scale[1]).clamp(-fmax, fmax).to(kv_cache.dtype))
+            raw = flat.view(torch.uint8)  # [2, slots, Hk, D]
+            for i, x in enumerate((k, v)):
+                x8 = (x.float() / kv_scale[i]).clamp(-fmax, fmax).to(kv_cache.dtype)
+                raw[i].index_copy_(0, metadata.slot_mapping, x8.view(torch.uint8))
             kv_scale = kv_scale.float()
         return paged_attention(q, kv_cache, metadata, scale=scale, sliding_window=sliding_window,
                                logit_softcap=logit_softcap, kv_scale=kv_scale, num_splits=self.num_splits)

@@ -29,6 +29,18 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _dot(a, b, IEEE: tl.constexpr, IN_FP32: tl.constexpr):
+    """a @ b accumulated in fp32: tensor cores for 16-bit inputs, exact fp32 products when IEEE."""
+    if IN_FP32:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
 def _paged_attention_kernel(
     out_ptr,  # [T, Hq, D] (NUM_SPLITS == 1) or unused
     part_out_ptr,  # [T, Hq, NUM_SPLITS, D] float32 partial outputs (NUM_SPLITS > 1)
@@ -65,7 +77,7 @@ def _paged_attention_kernel(
     HAS_MASK: tl.constexpr,
     HAS_KV_SCALE: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    IEEE_DOT: tl.constexpr,  # fp32 inputs: no tf32 truncation
     DOT_IN_FP32: tl.constexpr,  # the interpreter's tl.dot is wrong for bf16 (triton 3.9): upcast there
 ):
     q_block = tl.program_id(0)
@@ -73,7 +85,7 @@ def _paged_attention_kernel(
     split = tl.program_id(2)
 
     # Sequence of this query tile: sequence i owns tiles [qsl[i] // BLOCK_Q + i, ...).
-    lo = 0
+    lo: tl.int32 = 0
     hi = num_seqs
     while lo < hi:
         mid = (lo + hi) // 2
@@ -139,10 +151,7 @@ def _paged_attention_kernel(
         if HAS_KV_SCALE:
             k = (k.to(tl.float32) * k_scale).to(q.dtype)
             v = (v.to(tl.float32) * v_scale).to(q.dtype)
-        if DOT_IN_FP32:
-            s = tl.dot(q.to(tl.float32), k.to(tl.float32), input_precision=DOT_PRECISION) * scale
-        else:
-            s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale  # [BLOCK_M, BLOCK_N] fp32
+        s = _dot(q, k, IEEE_DOT, DOT_IN_FP32) * scale  # [BLOCK_M, BLOCK_N] fp32
         if HAS_SOFTCAP:
             x = s / softcap
             s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0))  # softcap * tanh(x)
@@ -162,11 +171,7 @@ def _paged_attention_kernel(
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        if DOT_IN_FP32:
-            pv = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), input_precision=DOT_PRECISION)
-        else:
-            pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        acc = acc * alpha[:, None] + pv
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE_DOT, DOT_IN_FP32)  # [BLOCK_M, D]
         m_i = m_new
 
     if NUM_SPLITS == 1:
@@ -270,7 +275,7 @@ def paged_attention(
         HEAD_DIM=head_dim, HEAD_DIM_PAD=max(16, triton.next_power_of_2(head_dim)),
         HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=logit_softcap is not None,
         HAS_MASK=mask is not None, HAS_KV_SCALE=kv_scale is not None, NUM_SPLITS=num_splits,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 or IS_INTERPRETED else None,
+        IEEE_DOT=q.dtype == torch.float32 or IS_INTERPRETED,
         DOT_IN_FP32=IS_INTERPRETED and q.dtype != torch.float32,
     )
     if num_splits > 1:
