@@ -93,3 +93,16 @@ def wait_until(condition: Callable[[], bool], timeout: float = POLL_TIMEOUT_S, i
         if time.monotonic() >= deadline:
             return False
         time.sleep(interval)
+
+
+async def async_wait_until(condition: Callable[[], bool], timeout: float = POLL_TIMEOUT_S, interval: float = 0.05) -> bool:
+    """`wait_until` for a test running on an event loop (the loop keeps serving its streams)."""
+    import asyncio
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if condition():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(interval)

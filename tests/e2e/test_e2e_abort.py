@@ -1,0 +1,73 @@
+"""50 streaming clients against the real server, all cut off mid-stream: every engine request is
+aborted and the KV cache (block manager and /metrics) returns to its baseline."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+
+from e2e_server import async_wait_until, real_server, wait_until
+
+NUM_CLIENTS = 50
+LONG = {"max_tokens": 900, "ignore_eos": True, "stream": True}  # cannot finish on its own during the test
+
+
+@pytest.fixture(scope="module")
+def server():
+    with real_server() as s:
+        yield s
+
+
+def test_50_clients_cut_off_mid_stream_free_their_blocks(server):
+    assert wait_until(server.is_idle)
+    baseline = server.block_manager.num_free_blocks
+    assert baseline == server.block_manager.num_blocks and server.kv_usage() == 0.0
+    all_started = asyncio.Event()
+    num_started = 0
+    seen_while_open = {}
+
+    async def client(http: httpx.AsyncClient, i: int) -> int:
+        nonlocal num_started
+        if i % 2:
+            path, body = "/v1/chat/completions", {"messages": [{"role": "user", "content": f"Count from {i} upwards."}], **LONG}
+        else:
+            path, body = "/v1/completions", {"prompt": f"{i}, {i + 1}, {i + 2},", **LONG}
+        num_chunks = 0
+        async with http.stream("POST", path, json=body) as resp:
+            assert resp.status_code == 200
+            async for line in resp.aiter_lines():
+                if line.startswith("data: "):
+                    assert line != "data: [DONE]"
+                    num_chunks += 1
+                    if num_chunks == 1 + i % 3:  # cut off after 1, 2 or 3 chunks
+                        break
+            num_started += 1
+            if num_started == NUM_CLIENTS:
+                all_started.set()
+            await all_started.wait()  # every stream is open at once; leaving the block closes this one
+        return num_chunks
+
+    async def main():
+        limits = httpx.Limits(max_connections=NUM_CLIENTS + 5, max_keepalive_connections=0)
+        async with httpx.AsyncClient(base_url=server.url, limits=limits, timeout=120) as http:
+            tasks = [asyncio.ensure_future(client(http, i)) for i in range(NUM_CLIENTS)]
+            assert await async_wait_until(all_started.is_set, timeout=90)
+            stats = server.engine.stats()
+            seen_while_open.update(running=stats.num_running, free=server.block_manager.num_free_blocks)
+            return await asyncio.gather(*tasks)
+
+    chunks = asyncio.run(main())
+    assert chunks == [1 + i % 3 for i in range(NUM_CLIENTS)]
+    # all 50 were running, holding blocks, when their clients left
+    assert seen_while_open["running"] == NUM_CLIENTS and seen_while_open["free"] < baseline
+    assert wait_until(lambda: server.block_manager.num_free_blocks == baseline), (
+        f"{baseline - server.block_manager.num_free_blocks} KV blocks still held after every client left")
+    assert wait_until(server.is_idle)  # nothing running or waiting, /metrics kv usage back to 0
+    assert server.engine.stats().num_running == 0
+
+    # and the server serves on
+    with server.client() as http:
+        resp = http.post("/v1/completions", json={"prompt": "1, 2, 3,", "max_tokens": 4, "ignore_eos": True})
+    assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] == 4
