@@ -1,10 +1,10 @@
-"""`ember bench`: the one benchmark harness (offline; serving comes with the server)."""
+"""`ember bench`: the one benchmark harness (offline, invariance, and serving load against a live server)."""
 
 from __future__ import annotations
 
 import argparse
 
-from ember.bench import gpu, invariance, offline
+from ember.bench import gpu, invariance, offline, serve
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -12,6 +12,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="mode", required=True)
     offline.add_args(sub.add_parser("offline", help="N prompts through the engine vs transformers generate"))
     invariance.add_args(sub.add_parser("invariance", help="greedy outputs alone vs in a batch"))
+    serve.add_args(sub.add_parser("serve", help="TTFT/TPOT/ITL/latency/throughput/goodput against an OpenAI-compatible server"))
     gpu.add_args(sub.add_parser("gpu", help="a published architecture with random weights: decode/prefill tok/s "
                                             "vs transformers and the device's measured limits"))
     args = parser.parse_args(argv)
@@ -19,6 +20,8 @@ def main(argv: list[str] | None = None) -> int:
         offline.main(args)
     elif args.mode == "invariance":
         invariance.main(args)
+    elif args.mode == "serve":
+        serve.main(args)
     elif args.mode == "gpu":
         gpu.main(args)
     return 0

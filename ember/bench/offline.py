@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from ember.bench import spec as spec_bench
 from ember.bench.hardware import copy_bandwidth_gbs
 from ember.sampling_params import SamplingParams
 
@@ -99,6 +100,15 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hf-batch-size", type=int, default=None, help="transformers batch size (default: all prompts)")
     p.add_argument("--max-batch-size", type=int, default=None)
     p.add_argument("--json", action="store_true", help="print machine-readable results")
+    p.add_argument("--speculator", choices=["none", "prompt_lookup", "lookahead", "both"], default="none",
+                   help="compare speculative decoding with plain decoding on the same engine (greedy, checked identical)")
+    p.add_argument("--workload", choices=["random", "code", "repeat"], default="random",
+                   help="random token prompts, or real text prompts (code/JSON, repetitive) through the chat template")
+    p.add_argument("--lookahead-window", type=int, default=4, help="lookahead W")
+    p.add_argument("--lookahead-ngram", type=int, default=4, help="lookahead N")
+    p.add_argument("--lookahead-verify", type=int, default=4, help="lookahead G")
+    p.add_argument("--num-draft", type=int, default=8, help="prompt lookup: longest draft")
+    p.add_argument("--repeats", type=int, default=2, help="speculator runs: alternate plain/spec this many times")
     p.add_argument("--structured", choices=["none", "json"], default="none",
                    help="json: also run every request constrained by a JSON schema and compare with the free run")
 
@@ -109,11 +119,24 @@ def main(args: argparse.Namespace) -> dict:
     overrides = {"dtype": args.dtype}
     if args.max_batch_size:
         overrides["max_batch_size"] = args.max_batch_size
+    if args.speculator != "none":
+        overrides["speculator"] = spec_bench.speculator_config(args.speculator, args)
     llm = LLM(args.model, **overrides)
     setup = llm.engine.setup
     tok = llm.tokenizer
     special = set(getattr(tok, "all_special_ids", []) or [])
-    prompts = make_prompts(llm.engine.runner.vocab_size, args.num_prompts, args.input_len, args.seed, special)
+    if args.workload == "random":
+        prompts = make_prompts(llm.engine.runner.vocab_size, args.num_prompts, args.input_len, args.seed, special)
+    else:
+        prompts = spec_bench.workload_prompts(llm, args.workload, args.num_prompts)
+    if args.speculator != "none":
+        res = spec_bench.run_spec_bench(llm, prompts, args.output_len, args.speculator, args.repeats)
+        res.update(model=str(setup.checkpoint.path), dtype=str(setup.dtype).replace("torch.", ""),
+                   workload=args.workload, threads=torch.get_num_threads())
+        spec_bench.print_spec_table(res, args.workload)
+        if args.json:
+            print(json.dumps(res, indent=2))
+        return res
     bw = copy_bandwidth_gbs()
     weight_bytes = sum(p.numel() * p.element_size() for p in llm.engine.runner.model.parameters())
     ember_res = run_ember(llm, prompts, args.output_len)

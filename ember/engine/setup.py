@@ -57,7 +57,10 @@ def _num_kv_blocks(cfg, runner: ModelRunner, device: torch.device, max_model_len
 def build_engine_setup(cfg) -> EngineSetup:
     build, rt, em = cfg.trt_llm.build, cfg.trt_llm.runtime, cfg.ember
     path = resolve_checkpoint_path(build.checkpoint_repository)
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path)  # an engine directory loads as a checkpoint carrying its quantization
+    if build.quantization_type != "no_quant" and ckpt.format != "engine":
+        logger.warning("quantization_type %s takes effect when building: run `ember build CONFIG -o DIR` and serve DIR; "
+                       "serving %s unquantized", build.quantization_type, path)
     device = resolve_device(em.device)
     dtype = resolve_dtype(em.dtype, device)
     if em.num_threads:

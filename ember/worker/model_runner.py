@@ -1,7 +1,8 @@
 """ModelRunner: turns a SchedulerOutput into one forward pass and the sampled tokens.
 
 batch -> flat tensors (token ids, positions, attention metadata over the paged KV cache) -> forward
--> logits at each sampling request's last position -> Sampler. Owns the model, the KV cache and the
+-> logits at each sampling request's last position -> Sampler. A request with drafts (ember.spec) gets
+logits at its last drafts + 1 positions and goes to the verifier instead. Owns the model, the KV cache and the
 per-request seeded generators.
 """
 
@@ -16,11 +17,11 @@ from ember.layers.attention import build_attention_metadata
 from ember.layers.sampler import Sampler
 from ember.models.registry import get_model_class
 from ember.outputs import TokenLogprob
+from ember.spec.grammar import build_draft_bitmask
 from ember.spec.tree import (SpecDecodeMetadata, SpecOutput, copy_kv_slots, kv_moves, rope_positions,
                              tree_attention_mask)
 from ember.spec.verify import verify_drafts
 from ember.structured.bitmask import apply_bitmask, build_grammar_bitmask
-from ember.spec.grammar import build_draft_bitmask
 from ember.worker.kv_cache import allocate_kv_caches, kv_cache_bytes_per_block
 from ember.worker.sampling_inputs import build_sampling_metadata
 

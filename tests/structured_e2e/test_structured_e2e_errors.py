@@ -71,7 +71,9 @@ async def test_bad_requests_are_quick_400s_while_others_run(live, aclient):
 
         await asyncio.gather(*(bad(*case) for case in BAD))
         # a body nested far past any parser's comfort: still a 400, never a 500
-        deep = json.dumps({"model": MODEL, "messages": MSGS, **rf(nested(5000))})
+        schema = '{"type":"object","properties":{"a":' * 5000 + '{"type":"string"}' + "}}" * 5000
+        deep = (f'{{"model": "{MODEL}", "messages": {json.dumps(MSGS)}, "response_format": '
+                f'{{"type": "json_schema", "json_schema": {{"name": "x", "schema": {schema}}}}}}}')
         r = await http.post("/v1/chat/completions", content=deep, headers={"content-type": "application/json"})
         assert r.status_code == 400, r.text
     text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])

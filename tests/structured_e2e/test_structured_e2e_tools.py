@@ -52,9 +52,9 @@ def check_calls(choice, allowed: set[str], max_calls: int | None = None) -> list
 
 async def test_required_and_named_calls_validate(aclient):
     kw = {"model": MODEL, "tools": TOOLS, "temperature": 0.7, "max_tokens": 300}
-    jobs = [(p, "required", seed, parallel) for seed, p in enumerate(PROMPTS) for parallel in (True, False)]
+    jobs = [(p, "required", seed, seed % 2 == 0) for seed, p in enumerate(PROMPTS)]
     jobs += [(p, {"type": "function", "function": {"name": name}}, 10 + i, True)
-             for i, (p, name) in enumerate(zip(PROMPTS, ["get_weather", "add", "web_search", "add"]))]
+             for i, (p, name) in enumerate(zip(PROMPTS, ["get_weather", "add", "web_search"]))]
     resps = await asyncio.gather(*(aclient.chat.completions.create(
         messages=ask(p), tool_choice=choice, seed=seed, parallel_tool_calls=parallel, **kw)
         for p, choice, seed, parallel in jobs))
@@ -68,8 +68,8 @@ async def test_required_and_named_calls_validate(aclient):
 
 async def test_auto_returns_text_or_valid_calls(aclient):
     resps = await asyncio.gather(*(aclient.chat.completions.create(
-        model=MODEL, messages=ask(p), tools=TOOLS, tool_choice="auto", temperature=0.7, seed=i, max_tokens=120)
-        for i, p in enumerate(PROMPTS[:3] + ["Tell me a joke."])))
+        model=MODEL, messages=ask(p), tools=TOOLS, tool_choice="auto", temperature=0.7, seed=i, max_tokens=80)
+        for i, p in enumerate(PROMPTS[:2] + ["Tell me a joke."])))
     for r in resps:
         choice = r.choices[0]
         if choice.message.tool_calls:
@@ -103,9 +103,8 @@ def reassemble(chunks) -> tuple[list[tuple[str, str]], str | None, str | None]:
 
 
 async def test_streamed_calls_match_whole_ones(aclient):
-    cases = [("required", PROMPTS[3]), ({"type": "function", "function": {"name": "web_search"}}, PROMPTS[2]),
-             ("required", PROMPTS[0])]
-    kw = {"model": MODEL, "tools": TOOLS, "temperature": 0.0, "max_tokens": 300}
+    cases = [("required", PROMPTS[0]), ({"type": "function", "function": {"name": "web_search"}}, PROMPTS[2])]
+    kw = {"model": MODEL, "tools": TOOLS, "temperature": 0.0, "max_tokens": 200, "parallel_tool_calls": False}
 
     async def streamed(choice, p):
         return [c async for c in await aclient.chat.completions.create(messages=ask(p), tool_choice=choice, stream=True, **kw)]
@@ -115,7 +114,7 @@ async def test_streamed_calls_match_whole_ones(aclient):
     for whole, chunks in zip(wholes, streams):
         calls, content, finish = reassemble(chunks)
         expected = [(c.function.name, c.function.arguments) for c in whole.choices[0].message.tool_calls]
-        assert calls == expected and content is None and finish == "tool_calls"
+        assert calls == expected and content is None and finish == "tool_calls" == whole.choices[0].finish_reason
 
 
 def test_tool_results_round_trip(client, server_state):
