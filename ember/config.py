@@ -13,6 +13,7 @@ allowed, e.g. `trt_llm.build.quantization_type: 'fp7' is not one of no_quant, fp
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import re
 import typing
@@ -595,9 +596,29 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+# build settings an engine directory keeps: serving it uses what it was built for
+_ENGINE_BUILD_KEYS = ("max_seq_len", "max_batch_size", "max_num_tokens", "quantization_type", "speculator",
+                      "lora_configuration", "tensor_parallel_count")
+
+
 def _local_model(path: Path) -> dict[str, Any]:
-    return {"model_name": path.name[:-5] if path.name.endswith(".gguf") else path.name,
-            "trt_llm": {"build": {"checkpoint_repository": {"source": "LOCAL", "repo": str(path)}}}}
+    data: dict[str, Any] = {"model_name": path.name[:-5] if path.name.endswith(".gguf") else path.name,
+                            "trt_llm": {"build": {"checkpoint_repository": {"source": "LOCAL", "repo": str(path)}}}}
+    manifest = path / "manifest.json" if path.is_dir() else None
+    if manifest is not None and manifest.is_file():
+        try:
+            built = json.loads(manifest.read_text())["build"]["config"]
+        except (ValueError, KeyError, TypeError):
+            return data  # the engine loader reports a damaged manifest with a precise error
+        build = (built.get("trt_llm") or {}).get("build") or {}
+        for key in _ENGINE_BUILD_KEYS:
+            if build.get(key) is not None:
+                data["trt_llm"]["build"][key] = build[key]
+        if (built.get("trt_llm") or {}).get("runtime"):
+            data["trt_llm"]["runtime"] = built["trt_llm"]["runtime"]
+        if built.get("model_name"):
+            data["model_name"] = built["model_name"]
+    return data
 
 
 def _read_source(source) -> tuple[dict[str, Any], Path]:

@@ -183,3 +183,18 @@ def test_cli_build_with_local_calibration_file(tiny_llama, tmp_path, capsys):
     m = json.loads((tmp_path / "engine" / "manifest.json").read_text())
     assert m["quantization"]["calibration"]["dataset"] == str(calib)
     assert m["quantization"]["calibration"]["num_samples"] == 3
+
+
+def test_engine_dir_config_keeps_its_build_settings(tiny_llama, tmp_path):
+    from ember.build.builder import build_engine
+    from ember.config import load_config
+
+    data = build_config(tiny_llama, "int8")
+    data["trt_llm"]["build"].update(max_seq_len=96, max_batch_size=3)
+    out = build_engine(load_config(data), tmp_path / "e", int4_group_size=64, num_eval_prompts=2,
+                       eval_max_seq_length=32, progress=False, log=lambda *_: None)
+    cfg = load_config(str(out))
+    b = cfg.trt_llm.build
+    assert (b.max_seq_len, b.max_batch_size, b.quantization_type) == (96, 3, "int8")
+    assert cfg.model_name == "tiny" and b.checkpoint_repository.repo == str(out)
+    assert load_config(str(out), max_batch_size=5).trt_llm.build.max_batch_size == 5  # serve-time override wins
