@@ -36,9 +36,29 @@ def cmd_check(args) -> int:
     return 0
 
 
+def _lora_adapters(cfg, specs: list[str]) -> dict:
+    """The config's `build.lora_adapters` plus `--lora NAME=PATH` ones (a local directory, else a cached HF repo)."""
+    adapters = {k: v.model_dump(mode="json") for k, v in (cfg.trt_llm.build.lora_adapters or {}).items()}
+    for spec in specs:
+        name, sep, where = spec.partition("=")
+        if not sep or not name or not where:
+            raise ConfigError(f"--lora: {spec!r} is not NAME=PATH (a PEFT adapter directory or a cached HF repo)")
+        local = os.path.exists(os.path.expanduser(where))
+        adapters[name] = {"source": "LOCAL" if local else "HF",
+                          "repo": os.path.abspath(os.path.expanduser(where)) if local else where}
+    return adapters
+
+
 def cmd_serve(args) -> int:
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     cfg = _config(args.config, host=args.host, port=args.port, api_key=api_key)
+    if args.lora:
+        cfg = _config(cfg, lora_adapters=_lora_adapters(cfg, args.lora))
+    from ember.distributed.launch import join_launch, rank_env_from
+
+    rank_env = rank_env_from(os.environ)  # set by torchrun: every rank runs `ember serve`, ranks > 0 as workers
+    if rank_env is not None and join_launch(cfg, rank_env):
+        return 0
     try:
         from ember.server.app import run_server
     except ImportError as e:
@@ -111,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", help="bind address (default: ember.host, 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default: ember.port, 8000; 0 picks a free one)")
     p.add_argument("--api-key", help=f"require this Bearer token (default: ember.api_key, or ${API_KEY_ENV})")
+    p.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
+                   help="serve a PEFT LoRA adapter as model NAME (repeatable; adds to build.lora_adapters)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("build", help="resolve, quantize and calibrate a checkpoint into an engine directory")

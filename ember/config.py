@@ -372,6 +372,8 @@ class EmberSection(_Section):
     chat_template: Optional[str] = None  # a Jinja file path or inline template; None: the checkpoint's
     trust_request_chat_template: Bool = False  # let requests send their own chat_template
     drain_timeout_s: Annotated[float, Field(strict=True, ge=0)] = 30.0  # on SIGTERM, wait this long for running requests
+    max_loras: Annotated[int, Field(strict=True, ge=1, le=256)] = 4  # LoRA adapters in device slots, and per batch
+    lora_runtime_dir: Optional[str] = None  # set: /v1/load_lora_adapter may load adapters from inside this directory
     limits: LimitsConfig = LimitsConfig()
 
     @field_validator("dtype", mode="before")

@@ -111,6 +111,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=2, help="speculator runs: alternate plain/spec this many times")
     p.add_argument("--structured", choices=["none", "json"], default="none",
                    help="json: also run every request constrained by a JSON schema and compare with the free run")
+    p.add_argument("--lora-adapters", type=int, default=0, metavar="N",
+                   help="serve N random PEFT adapters and compare prompts mixed over them and the base model with the "
+                        "base model alone (same run)")
+    p.add_argument("--lora-rank", type=int, default=16, help="rank of the --lora-adapters adapters")
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -121,6 +125,15 @@ def main(args: argparse.Namespace) -> dict:
         overrides["max_batch_size"] = args.max_batch_size
     if args.speculator != "none":
         overrides["speculator"] = spec_bench.speculator_config(args.speculator, args)
+    if getattr(args, "lora_adapters", 0):
+        from ember.bench.lora import run_lora_bench
+
+        res = run_lora_bench(args, overrides, lambda llm: make_prompts(
+            llm.engine.runner.vocab_size, args.num_prompts, args.input_len, args.seed,
+            set(getattr(llm.tokenizer, "all_special_ids", []) or [])))
+        if args.json:
+            print(json.dumps(res, indent=2))
+        return res
     llm = LLM(args.model, **overrides)
     setup = llm.engine.setup
     tok = llm.tokenizer

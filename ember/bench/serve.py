@@ -237,6 +237,7 @@ def plot(summaries: list[dict], path: str, title: str) -> bool:
         ax.legend()
     for ax in axes.flat:
         ax.set_xscale("log", base=2)
+        ax.set_xticks(xs, [str(x) for x in xs])
         ax.set_xlabel("concurrency")
         ax.grid(alpha=0.3)
     fig.suptitle(title)
@@ -264,6 +265,7 @@ def launched_server(config: str | None, timeout_s: float = 300.0):
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     url = f"http://127.0.0.1:{port}"
     print(f"launched `{' '.join(cmd[2:])}` (pid {proc.pid}, log {log.name})", file=sys.stderr)
+    is_ok = False
     try:
         deadline = time.monotonic() + timeout_s
         while True:  # bounded polling for readiness: the server loads its model first
@@ -279,6 +281,7 @@ def launched_server(config: str | None, timeout_s: float = 300.0):
                 raise RuntimeError(f"ember serve did not become healthy within {timeout_s:.0f} s (log {log.name})")
             time.sleep(0.5)
         yield f"{url}/v1"
+        is_ok = True
     finally:
         proc.terminate()  # SIGTERM: the server drains and exits
         try:
@@ -287,6 +290,8 @@ def launched_server(config: str | None, timeout_s: float = 300.0):
             proc.kill()
             proc.wait()
         log.close()
+    if is_ok:  # the log is kept only when something went wrong
+        os.unlink(log.name)
 
 
 # ---- command --------------------------------------------------------------------------------------

@@ -57,6 +57,7 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     arrival_time: float = field(default_factory=time.monotonic)  # time.monotonic() when it arrived
     cache_salt: str | None = None  # mixed into prefix hashes (e.g. the LoRA name): no sharing across salts
+    lora_name: str | None = None  # the LoRA adapter this sequence runs with; None: the base model
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at first admission
     stop_reason: int | str | None = None  # stop token id or stop string that ended it (None for eos)
     block_ids: list[int] = field(default_factory=list)  # KV block table, owned by the BlockManager

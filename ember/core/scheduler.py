@@ -39,7 +39,8 @@ class Scheduler:
 
     def __init__(self, block_manager: BlockManager, max_num_tokens: int, max_batch_size: int, max_seq_len: int,
                  policy: SchedulerPolicy | str = SchedulerPolicy.GUARANTEED_NO_EVICT,
-                 enable_chunked_prefill: bool = True, max_queue_size: int | None = None):
+                 enable_chunked_prefill: bool = True, max_queue_size: int | None = None,
+                 max_loras: int | None = None):
         self.block_manager = block_manager
         self.max_num_tokens = max_num_tokens  # token budget per step
         self.max_batch_size = max_batch_size  # running requests at most
@@ -47,6 +48,7 @@ class Scheduler:
         self.policy = SchedulerPolicy(policy.lower() if isinstance(policy, str) else policy)
         self.enable_chunked_prefill = enable_chunked_prefill
         self.max_queue_size = max_queue_size  # waiting requests at most; None or 0: unbounded
+        self.max_loras = max_loras  # distinct LoRA adapters among running requests at most; None: no limit
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # admission order (oldest first)
         self.requests: dict[str, Request] = {}  # unfinished requests by id
@@ -153,8 +155,12 @@ class Scheduler:
                 budget -= num_new
             i += 1
 
+        loras = {r.lora_name for r in self.running if r.lora_name is not None} if self.max_loras else set()
         while self.waiting and budget > 0 and not out.preempted_ids and len(self.running) < self.max_batch_size:
             req = self.waiting[0]
+            if req.lora_name is not None and self.max_loras and req.lora_name not in loras \
+                    and len(loras) >= self.max_loras:
+                break  # every adapter slot is taken by running requests: wait for one to free up
             prefix = bm.get_computed_blocks(req)
             if prefix.is_pending:
                 break  # its prefix is being computed this step by another request: hit it next step
@@ -174,6 +180,8 @@ class Scheduler:
             req.num_computed_tokens = prefix.num_tokens
             req.status = RequestStatus.RUNNING
             self.running.append(req)
+            if req.lora_name is not None and self.max_loras:
+                loras.add(req.lora_name)
             out.scheduled.append(self._scheduled(req, num_new))
             budget -= num_new
         out.num_batched_tokens = self.max_num_tokens - budget

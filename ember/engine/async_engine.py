@@ -23,6 +23,8 @@ from ember.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
+HEALTH_POLL_S = 0.5  # with worker ranks, how often the idle engine loop checks they are alive
+
 
 @dataclass
 class EngineStats:
@@ -50,7 +52,6 @@ class AsyncLLM:
         self.chat_template = engine.setup.chat_template
         self.max_model_len = engine.max_model_len
         self.served_model_name = self.cfg.served_model_id
-        self.lora_names: list[str] = []
         self.max_queue_size = self.cfg.ember.max_queue_size
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -60,6 +61,14 @@ class AsyncLLM:
         self._thread: threading.Thread | None = None
         self._stop = False
         self._dead: BaseException | None = None
+        # tensor-parallel worker ranks: the idle loop wakes to check on them (ember.worker.executor)
+        self._has_workers = getattr(getattr(engine, "setup", None), "executor", None) is not None and \
+            engine.setup.executor.parallel.is_parallel
+
+    @property
+    def lora_names(self) -> list[str]:
+        """The LoRA adapters requests may choose through `model` (configured, plus any loaded at run time)."""
+        return self.engine.lora_names
 
     # ---- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -80,9 +89,20 @@ class AsyncLLM:
         if self._thread is not None and not self._thread.is_alive():
             for rid in list(self.engine.groups):
                 self.engine.abort_request(rid)
+        if hasattr(self.engine, "shutdown"):
+            self.engine.shutdown()  # tensor-parallel worker ranks stop with the engine
 
     def is_healthy(self) -> bool:
-        return self._dead is None and (self._thread is None or self._thread.is_alive())
+        return self.dead_reason() is None
+
+    def dead_reason(self) -> str | None:
+        """Why the engine cannot generate (its loop died, a worker rank is gone), or None when it can."""
+        if self._dead is not None:
+            return f"the engine loop died: {type(self._dead).__name__}: {self._dead}"
+        if self._thread is not None and not self._thread.is_alive():
+            return "the engine loop has stopped"
+        engine_reason = getattr(self.engine, "dead_reason", None)
+        return engine_reason() if engine_reason is not None else None
 
     def stats(self) -> EngineStats:
         sched = self.engine.scheduler
@@ -109,7 +129,7 @@ class AsyncLLM:
         if waiting + params.n > self.max_queue_size:
             raise QueueFullError(f"the waiting queue is full ({self.max_queue_size} requests); retry later",
                                  retry_after=1.0)
-        group = self.engine.make_group(request_id, prompt, params, cache_salt=lora_name)
+        group = self.engine.make_group(request_id, prompt, params, lora_name=lora_name)
         q: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = q
         self._num_pending_adds += params.n
@@ -170,8 +190,10 @@ class AsyncLLM:
         try:
             while not self._stop:
                 self._drain_inbox()
+                if self._has_workers:
+                    self.engine.check_health()  # raises when a tensor-parallel worker rank is gone
                 if not self.engine.has_unfinished_requests():
-                    self._wake.wait()
+                    self._wake.wait(HEALTH_POLL_S if self._has_workers else None)
                     self._wake.clear()
                     continue
                 for out in self.engine.step():

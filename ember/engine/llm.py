@@ -40,18 +40,22 @@ class LLM:
         return self.engine.setup.chat_template
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 use_tqdm: bool = False) -> list[RequestOutput]:
+                 use_tqdm: bool = False, lora_name: str | list[str | None] | None = None) -> list[RequestOutput]:
+        """lora_name: the LoRA adapter for every prompt, or one per prompt (None: the base model)."""
         prompts = _as_prompt_list(prompts)
         if sampling_params is None:
             sampling_params = SamplingParams()
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
+        loras = lora_name if isinstance(lora_name, list) else [lora_name] * len(prompts)
+        if len(loras) != len(prompts):
+            raise ValueError(f"got {len(loras)} lora names for {len(prompts)} prompts")
         order = {}
-        for prompt, p in zip(prompts, params):
+        for prompt, p, lora in zip(prompts, params, loras):
             rid = f"llm-{next(self._ids)}"
             order[rid] = len(order)
-            self.engine.add_request(rid, prompt, p)
+            self.engine.add_request(rid, prompt, p, lora_name=lora)
         results: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(prompts), desc="generating", disable=not use_tqdm)
         while len(results) < len(order):

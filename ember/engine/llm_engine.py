@@ -16,7 +16,7 @@ from ember.structured.backend import GrammarBackend
 from ember.structured.bitmask import advance
 from ember.engine.request_group import RequestGroup
 from ember.engine.setup import EngineSetup, build_engine_setup
-from ember.errors import ContextLengthExceededError, InvalidRequestError
+from ember.errors import ContextLengthExceededError, InvalidRequestError, ModelNotFoundError
 from ember.outputs import RequestOutput
 from ember.sampling_params import SamplingParams
 from ember.spec import NoSpeculator
@@ -46,12 +46,25 @@ class LLMEngine:
         self.stats_draft_tokens = 0  # speculative tokens verified
         self.stats_accepted_tokens = 0  # of those, accepted
 
+    @property
+    def lora_names(self) -> list[str]:
+        """LoRA adapters requests may name (configured ones, plus any loaded at run time)."""
+        manager = getattr(self.runner, "lora_manager", None)
+        return manager.names if manager is not None else []
+
     # ---- requests -------------------------------------------------------------------------------
     def make_group(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                   arrival_time: float | None = None, cache_salt: str | None = None) -> RequestGroup:
+                   arrival_time: float | None = None, cache_salt: str | None = None,
+                   lora_name: str | None = None) -> RequestGroup:
         """Tokenize and validate a request without touching the scheduler (safe from any thread)."""
         if request_id in self.groups:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
+        if lora_name is not None:
+            if lora_name not in self.lora_names:
+                raise ModelNotFoundError(f"LoRA adapter {lora_name!r} is not served here; served adapters: "
+                                         f"{', '.join(self.lora_names) or 'none'}", param="model")
+            # the adapter changes every layer's K/V: prefix blocks are never shared across adapters
+            cache_salt = f"lora:{lora_name}" if cache_salt is None else f"lora:{lora_name}:{cache_salt}"
         if isinstance(prompt, str):
             prompt_text, prompt_ids = prompt, self.tokenizer.encode(prompt)
         else:
@@ -86,7 +99,7 @@ class LLMEngine:
             seq_id = request_id if params.n == 1 else f"{request_id}#{i}"
             seqs.append(Request(request_id=seq_id, prompt_token_ids=list(prompt_ids), sampling_params=seq_params,
                                 eos_token_ids=eos, max_tokens=max_tokens, arrival_time=arrival,
-                                cache_salt=cache_salt))
+                                cache_salt=cache_salt, lora_name=lora_name))
         if params.structured is not None:  # compiled once (cached by spec); a bad grammar is a 400 here
             for seq in seqs:
                 seq.matcher = self.grammar.new_matcher(params.structured)
@@ -125,6 +138,22 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.groups) or self.scheduler.has_unfinished_requests()
 
+    # ---- the ranks running the model (ember.worker.executor) ----------------------------------
+    def check_health(self) -> None:
+        """Raise EngineDeadError when a tensor-parallel worker rank is gone (engine thread only)."""
+        if getattr(self.setup, "executor", None) is not None:
+            self.setup.executor.check_health()
+
+    def dead_reason(self) -> str | None:
+        """Why the model can no longer run (a worker rank died), or None. Safe from any thread."""
+        executor = getattr(self.setup, "executor", None)
+        return executor.dead_reason() if executor is not None else None
+
+    def shutdown(self) -> None:
+        """Stop the worker ranks, if any (a no-op with tensor_parallel_count 1)."""
+        if getattr(self.setup, "executor", None) is not None:
+            self.setup.executor.shutdown()
+
     # ---- the main loop --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         spec = self.speculator.propose(self.scheduler.running)  # sets request.spec_token_ids
@@ -143,6 +172,8 @@ class LLMEngine:
             if group is None:
                 continue
             new_ids = runner_out.sampled_token_ids.get(seq.request_id, [])
+            if len(new_ids) > 1:  # verified drafts may run past eos / a stop id / max_tokens: keep what
+                new_ids = new_ids[:max(0, seq.num_output_tokens - group.num_output_tokens(seq))]  # update kept
             self.stats_generation_tokens += len(new_ids)
             stop_hit = group.on_step(seq, new_ids, runner_out.logprobs.get(seq.request_id), now)
             spec = runner_out.spec.get(seq.request_id)

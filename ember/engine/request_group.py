@@ -65,6 +65,10 @@ class RequestGroup:
             comp.finish_reason = "stop"
         return stop_hit
 
+    def num_output_tokens(self, seq) -> int:
+        """Tokens of `seq` recorded so far."""
+        return len(self.completions[self._index(seq)].token_ids)
+
     def on_spec(self, seq, num_draft_tokens: int, num_accepted_tokens: int) -> None:
         """Record a step's speculation for `seq`: drafts verified, and how many were accepted."""
         m = self.completions[self._index(seq)].metrics

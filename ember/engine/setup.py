@@ -12,8 +12,10 @@ import torch
 from ember.checkpoint import load_checkpoint, resolve_checkpoint_path
 from ember.core.block_manager import BlockManager
 from ember.core.scheduler import Scheduler
+from ember.lora import build_lora_manager
 from ember.spec import build_speculator
 from ember.worker.device import resolve_device, resolve_dtype
+from ember.worker.executor import Executor
 from ember.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -33,6 +35,7 @@ class EngineSetup:
     device: torch.device
     dtype: torch.dtype
     speculator: object = None  # ember.spec Speculator (or NoSpeculator) from build.speculator
+    executor: Executor | None = None  # the ranks running the model (rank 0's runner, plus TP workers)
 
 
 def _num_kv_blocks(cfg, runner: ModelRunner, device: torch.device, max_model_len: int, max_batch_size: int) -> int:
@@ -43,7 +46,7 @@ def _num_kv_blocks(cfg, runner: ModelRunner, device: torch.device, max_model_len
         budget = int(free * fraction)
     else:
         host = em.kv_cache_memory_bytes or rt.kv_cache_host_memory_bytes or (1 << 30)
-        budget = int(host * fraction)
+        budget = int(host * fraction) // cfg.trt_llm.build.tensor_parallel_count  # the ranks share the host
     per_block = runner.bytes_per_block()
     bs = runner.block_size
     # never more than the batch can use at once: every running sequence at full length
@@ -66,20 +69,23 @@ def build_engine_setup(cfg) -> EngineSetup:
     if em.num_threads:
         torch.set_num_threads(em.num_threads)
     tokenizer = ckpt.load_tokenizer()
-    runner = ModelRunner(ckpt, dtype, device, em.block_size)
+    executor = Executor.start(cfg, ckpt, dtype, device)  # tensor_parallel_count > 1: also the worker ranks
+    runner = executor.runner
+    runner.lora_manager = build_lora_manager(cfg, runner.model, dtype, device)  # None: no adapters configured
     model_max = int(getattr(ckpt, "max_position_embeddings", None) or getattr(ckpt.hf_config, "max_position_embeddings", 0) or 2048)
     max_model_len = min(build.max_seq_len, model_max) if build.max_seq_len else model_max
     max_batch_size = build.max_batch_size
     num_blocks = _num_kv_blocks(cfg, runner, device, max_model_len, max_batch_size)
-    runner.allocate_kv_cache(num_blocks)
+    executor.allocate_kv_cache(num_blocks)
     # a sequence can never be longer than the whole KV cache
     max_model_len = min(max_model_len, num_blocks * em.block_size)
     block_manager = BlockManager(num_blocks, em.block_size, em.enable_prefix_caching)
     scheduler = Scheduler(block_manager, max_num_tokens=build.max_num_tokens, max_batch_size=max_batch_size,
                           max_seq_len=max_model_len, policy=rt.batch_scheduler_policy,
-                          enable_chunked_prefill=rt.enable_chunked_context, max_queue_size=em.max_queue_size)
+                          enable_chunked_prefill=rt.enable_chunked_context, max_queue_size=em.max_queue_size,
+                          max_loras=em.max_loras if runner.lora_manager is not None else None)
     logger.info("engine: %s (%s) on %s in %s, %d KV blocks of %d tokens, context %d",
                 ckpt.architecture, path, device, dtype, num_blocks, em.block_size, max_model_len)
     return EngineSetup(ckpt, tokenizer, ckpt.chat_template, runner, scheduler, max_model_len, num_blocks,
                        em.block_size, list(ckpt.eos_token_ids), device, dtype,
-                       build_speculator(build.speculator, device.type))
+                       build_speculator(build.speculator, device.type), executor=executor)

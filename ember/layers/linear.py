@@ -5,6 +5,11 @@ Fused projections (q|k|v, gate|up) are one `Linear` with several `output_sizes`:
 separate tensors load into row slices of the one weight, so the forward pass is a single matmul.
 Weight formats (fp8, int8, int4, fp4) are `QuantMethod`s in `ember.layers.quant`, one class per file; a
 layer gets one through `set_quant_method` before its (already quantized) tensors are loaded.
+
+Tensor parallelism (`parallel` + `split`): a "column" layer keeps a slice of its output rows, each fused
+segment sliced separately by its unit (heads; KV heads replicated when fewer than ranks); a "row" layer keeps
+a slice of its input columns and all-reduces its output (bias added once, on rank 0). Loading always gets
+the full checkpoint tensor and keeps only this rank's slice (`shard_tensor`), quantized formats included.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ember.distributed.parallel import SINGLE, ParallelContext
 
 
 class QuantMethod:
@@ -55,13 +62,29 @@ class Linear(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         quant_method: QuantMethod | None = None,
+        parallel: ParallelContext = SINGLE,
+        split: str | None = None,  # None (replicated) | "column" (output rows) | "row" (input columns)
+        units: list[int] | None = None,  # column: slice granularity per output segment (head_dim); None: 1
     ):
         super().__init__()
-        self.output_sizes = [output_sizes] if isinstance(output_sizes, int) else list(output_sizes)
+        full_sizes = [output_sizes] if isinstance(output_sizes, int) else list(output_sizes)
+        self.full_output_sizes, self.full_in_features = full_sizes, in_features
+        self.parallel = parallel
+        self.split = split if parallel.is_parallel else None
+        self.segment_offsets = [0] * len(full_sizes)  # column: where each local segment starts in its full one
+        if self.split == "column":
+            full_sizes, self.segment_offsets = _column_shards(full_sizes, units, parallel)
+        elif self.split == "row":
+            start, count = parallel.shard(in_features, "input features of a row-parallel linear")
+            self.in_offset, in_features = start, count
+        elif self.split is not None:
+            raise ValueError(f"Linear split {split!r} is not one of None, 'column', 'row'")
+        self.output_sizes = full_sizes
         self.in_features = in_features
         self.out_features = sum(self.output_sizes)
         self.quant_method = quant_method or UnquantizedMethod()
         self.quant_method.create_weights(self, bias, dtype, torch.device(device))
+        self.lora = None  # ember.lora.LoRALinear, set by a LoRAManager: adds each step's per-token adapter delta
 
     @property
     def num_shards(self) -> int:
@@ -72,15 +95,71 @@ class Linear(nn.Module):
         param = getattr(self, param_name)
         if shard_id is None:
             dst = param.data
+            tensor = self.shard_tensor(param_name, tensor)
         else:
             start = sum(self.output_sizes[:shard_id])
             dst = param.data.narrow(0, start, self.output_sizes[shard_id])
+            if self.split == "column":
+                tensor = self._column_slice(tensor, 0, [self.full_output_sizes[shard_id]], [shard_id],
+                                            tuple(dst.shape))
+            elif self.split == "row":
+                tensor = self.shard_tensor(param_name, tensor) if param_name == "weight" else tensor
         if tuple(dst.shape) != tuple(tensor.shape):
             raise ValueError(
                 f"shape mismatch loading {param_name} (shard {shard_id}): expected {tuple(dst.shape)}, "
                 f"checkpoint has {tuple(tensor.shape)}"
             )
         dst.copy_(tensor)
+
+    def shard_tensor(self, param_name: str, full: torch.Tensor) -> torch.Tensor:
+        """This rank's part of `param_name` given the whole (unsharded, all segments) tensor, in any stored
+        format: the dims to slice are found by comparing the format's full and per-rank shapes."""
+        if self.split is None:
+            return full
+        full_shape = self._param_shape(param_name, sum(self.full_output_sizes), self.full_in_features)
+        local_shape = self._param_shape(param_name, self.out_features, self.in_features)
+        if full_shape is None or tuple(full.shape) != full_shape:
+            return full  # unknown or mismatched: the caller's shape check names it
+        if self.split == "row":
+            if param_name == "bias":  # added once, after the all-reduce sums the partial outputs
+                return full if self.parallel.is_first else torch.zeros_like(full)
+            for d, (f, l) in enumerate(zip(full_shape, local_shape)):
+                if f != l:
+                    if f != l * self.parallel.world_size:
+                        raise ValueError(f"{param_name} dim {d} ({f}) does not split into {self.parallel.world_size} "
+                                         f"equal parts of {l}")
+                    full = full.narrow(d, self.parallel.rank * l, l)
+            return full
+        for d, (f, l) in enumerate(zip(full_shape, local_shape)):
+            if f != l:
+                full = self._column_slice(full, d, self.full_output_sizes, range(len(self.full_output_sizes)),
+                                          local_shape)
+        return full
+
+    def _column_slice(self, full, dim: int, full_sizes, segments, local_shape) -> torch.Tensor:
+        """Rows of this rank's segments from `full` (segments `segments`, sizes `full_sizes`, along `dim`);
+        rows past the end of a segment (a padded vocabulary) stay zero."""
+        out = torch.zeros(local_shape, dtype=full.dtype, device=full.device)
+        src_start = dst_start = 0
+        for size, seg in zip(full_sizes, segments):
+            local = self.output_sizes[seg]
+            n = max(0, min(local, size - self.segment_offsets[seg]))
+            out.narrow(dim, dst_start, n).copy_(full.narrow(dim, src_start + self.segment_offsets[seg], n))
+            src_start, dst_start = src_start + size, dst_start + local
+        return out
+
+    def _param_shape(self, param_name: str, out_f: int, in_f: int) -> tuple[int, ...] | None:
+        if param_name == "bias":
+            return (out_f,)
+        specs = getattr(self.quant_method, "tensor_specs", None)
+        if specs is None:
+            return (out_f, in_f) if param_name == "weight" else None
+        try:
+            spec = specs(out_f, in_f).get(param_name)
+        except ValueError as e:  # e.g. an int4 group that straddles two ranks' input columns
+            raise ValueError(f"{type(self.quant_method).__name__} cannot split this layer over "
+                             f"{self.parallel.world_size} ranks: {e}") from None
+        return None if spec is None else tuple(spec[0])
 
     def set_quant_method(self, method: QuantMethod, dtype: torch.dtype, device: torch.device | str) -> None:
         """Switch to another weight format before loading: drops this layer's tensors, lets `method` create its own."""
@@ -94,7 +173,30 @@ class Linear(nn.Module):
         self.quant_method.process_weights_after_loading(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.quant_method.apply(self, x)
+        y = self.quant_method.apply(self, x)
+        if self.lora is not None:
+            y = self.lora.apply(x, y)
+        return self.parallel.all_reduce(y) if self.split == "row" else y  # row-parallel: sum the partial outputs
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.output_sizes}, bias={self.bias is not None}"
+        split = f", split={self.split}" if self.split else ""
+        return f"in={self.in_features}, out={self.output_sizes}, bias={self.bias is not None}{split}"
+
+
+def _column_shards(full_sizes: list[int], units: list[int] | None, parallel: ParallelContext):
+    """Per-rank segment sizes and their offsets in the full segments. A single unit-1 segment (a vocabulary)
+    may not divide: each rank then takes ceil(size / ranks) rows and the last rank's tail is padding."""
+    units = units or [1] * len(full_sizes)
+    sizes, offsets = [], []
+    for size, unit in zip(full_sizes, units):
+        if len(full_sizes) == 1 and unit == 1 and size % parallel.world_size:
+            per = -(-size // parallel.world_size)
+            sizes.append(per)
+            offsets.append(parallel.rank * per)
+            continue
+        if size % unit:
+            raise ValueError(f"output size {size} is not a multiple of its unit {unit}")
+        start, count = parallel.shard(size // unit, "heads of a column-parallel linear")
+        sizes.append(count * unit)
+        offsets.append(start * unit)
+    return sizes, offsets

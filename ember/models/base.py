@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ember.distributed.parallel import SINGLE, ParallelContext
 from ember.layers.linear import Linear
 
 
@@ -52,17 +53,24 @@ class CausalLM(nn.Module):
     head_dim: int
     final_logit_softcap: float | None = None
     kv_cache_dtype: torch.dtype | None = None  # None: the model dtype; set by an engine's quantization
+    parallel: ParallelContext = SINGLE  # the tensor-parallel rank this instance is built for
 
     @property
     def kv_cache_spec(self) -> KVCacheSpec:
         return KVCacheSpec(self.num_layers, self.num_kv_heads, self.head_dim)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, H] -> logits [N, V] float32."""
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """hidden [N, H] -> logits [N, V] float32. Tensor-parallel: rank 0 gets the whole vocabulary, others None."""
         if self.lm_head is None:
-            logits = F.linear(hidden, self.model.embed_tokens.weight).float()
+            logits = F.linear(hidden, self.model.embed_tokens.weight)
         else:
-            logits = self.lm_head(hidden).float()
+            logits = self.lm_head(hidden)
+        if self.parallel.is_parallel:  # each rank holds a slice of the vocabulary
+            logits = self.parallel.gather_first(logits, dim=-1)  # [N, V (+ padding)] on rank 0
+            if logits is None:
+                return None
+            logits = logits[:, : self.config.vocab_size]
+        logits = logits.float()
         if self.final_logit_softcap:
             logits = torch.tanh(logits / self.final_logit_softcap) * self.final_logit_softcap
         return logits
@@ -120,6 +128,11 @@ class CausalLM(nn.Module):
             param = params.get(name)
             if param is None:
                 raise ValueError(f"{type(self).__name__}: engine tensor {name} matches no parameter of the model")
+            if self.parallel.is_parallel:  # engines store whole tensors; keep this rank's slice
+                path, _, pname = name.rpartition(".")
+                module = self.get_submodule(path)
+                if hasattr(module, "shard_tensor"):
+                    tensor = module.shard_tensor(pname, tensor)
             if tuple(param.shape) != tuple(tensor.shape):
                 raise ValueError(f"engine tensor {name}: expected shape {tuple(param.shape)}, found {tuple(tensor.shape)}")
             if param.dtype.is_floating_point != tensor.dtype.is_floating_point or (

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ember.distributed.parallel import SINGLE, ParallelContext
 from ember.layers.attention import get_attention_backend
 from ember.layers.norm import RMSNorm
 from ember.models.base import CausalLM, layer_sliding_window
@@ -15,7 +16,7 @@ from ember.models.llama import MLP, Attention, DecoderModel, head_dim_of
 class Gemma2DecoderLayer(nn.Module):
     """norm -> attn -> norm, add; norm -> mlp -> norm, add. The adds ride inside the next pre-norm."""
 
-    def __init__(self, cfg, layer_idx: int, backend, *, dtype, device):
+    def __init__(self, cfg, layer_idx: int, backend, *, dtype, device, parallel: ParallelContext = SINGLE):
         super().__init__()
         eps, h = cfg.rms_norm_eps, cfg.hidden_size
         self.self_attn = Attention(
@@ -23,10 +24,10 @@ class Gemma2DecoderLayer(nn.Module):
             backend=backend, scale=cfg.query_pre_attn_scalar**-0.5,
             qkv_bias=bool(getattr(cfg, "attention_bias", False)), o_bias=bool(getattr(cfg, "attention_bias", False)),
             sliding_window=layer_sliding_window(cfg, layer_idx), logit_softcap=cfg.attn_logit_softcapping,
-            dtype=dtype, device=device,
+            dtype=dtype, device=device, parallel=parallel,
         )
         act = getattr(cfg, "hidden_activation", None) or cfg.hidden_act
-        self.mlp = MLP(h, cfg.intermediate_size, act, dtype=dtype, device=device)
+        self.mlp = MLP(h, cfg.intermediate_size, act, dtype=dtype, device=device, parallel=parallel)
         norm = lambda: RMSNorm(h, eps, weight_offset=1.0, dtype=dtype, device=device)  # noqa: E731
         self.input_layernorm, self.post_attention_layernorm = norm(), norm()
         self.pre_feedforward_layernorm, self.post_feedforward_layernorm = norm(), norm()
@@ -44,19 +45,21 @@ class Gemma2DecoderLayer(nn.Module):
 class Gemma2ForCausalLM(CausalLM):
     """Gemma 2; embeddings are always tied."""
 
-    def __init__(self, hf_config, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+    def __init__(self, hf_config, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 parallel: ParallelContext = SINGLE):
         super().__init__()
         device = torch.device(device)
         cfg = hf_config
-        self.config, self.dtype, self.device = cfg, dtype, device
+        self.config, self.dtype, self.device, self.parallel = cfg, dtype, device, parallel
         self.num_layers = cfg.num_hidden_layers
-        self.num_kv_heads = cfg.num_key_value_heads
+        self.num_kv_heads = parallel.shard(cfg.num_key_value_heads, "num_key_value_heads")[1]
         self.head_dim = head_dim_of(cfg)
         self.final_logit_softcap = getattr(cfg, "final_logit_softcapping", None)
         backend = get_attention_backend(device)
-        layers = [Gemma2DecoderLayer(cfg, i, backend, dtype=dtype, device=device) for i in range(self.num_layers)]
+        layers = [Gemma2DecoderLayer(cfg, i, backend, dtype=dtype, device=device, parallel=parallel)
+                  for i in range(self.num_layers)]
         self.model = DecoderModel(cfg, layers, embed_scale=cfg.hidden_size**0.5, norm_offset=1.0,
-                                  dtype=dtype, device=device)
+                                  dtype=dtype, device=device, parallel=parallel)
         self.lm_head = None
 
     def forward(self, input_ids, positions, kv_caches, attn_metadata) -> torch.Tensor:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ember.distributed.parallel import SINGLE, ParallelContext
 from ember.layers.activation import get_gated_activation
 from ember.layers.attention import AttentionBackend, AttentionMetadata, get_attention_backend
 from ember.layers.embedding import VocabEmbedding
@@ -42,15 +43,21 @@ class Attention(nn.Module):
         logit_softcap: float | None = None,
         dtype,
         device,
+        parallel: ParallelContext = SINGLE,
     ):
         super().__init__()
+        # per rank: a slice of the query heads; of the KV heads, a slice (or one, replicated, when fewer than ranks)
+        q_full, kv_full = num_heads * head_dim, num_kv_heads * head_dim
+        num_heads = parallel.shard(num_heads, "num_attention_heads")[1]
+        num_kv_heads = parallel.shard(num_kv_heads, "num_key_value_heads")[1]
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.q_size, self.kv_size = num_heads * head_dim, num_kv_heads * head_dim
         self.scale, self.sliding_window, self.logit_softcap = scale, sliding_window, logit_softcap
         self.backend = backend
-        self.qkv_proj = Linear(hidden_size, [self.q_size, self.kv_size, self.kv_size], bias=qkv_bias,
-                               dtype=dtype, device=device)
-        self.o_proj = Linear(self.q_size, hidden_size, bias=o_bias, dtype=dtype, device=device)
+        self.qkv_proj = Linear(hidden_size, [q_full, kv_full, kv_full], bias=qkv_bias, dtype=dtype, device=device,
+                               parallel=parallel, split="column", units=[head_dim] * 3)
+        self.o_proj = Linear(q_full, hidden_size, bias=o_bias, dtype=dtype, device=device,
+                             parallel=parallel, split="row")
         self.qk_norm = (
             HeadRMSNorm(num_heads, num_kv_heads, head_dim, qk_norm_eps, dtype=dtype, device=device)
             if qk_norm_eps is not None
@@ -78,12 +85,14 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """down(act(gate) * up) with gate|up fused. [T, H] -> [T, H]."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, act: str, *, bias: bool = False, dtype, device):
+    def __init__(self, hidden_size: int, intermediate_size: int, act: str, *, bias: bool = False, dtype, device,
+                 parallel: ParallelContext = SINGLE):
         super().__init__()
         self.gate_up_proj = Linear(hidden_size, [intermediate_size, intermediate_size], bias=bias,
-                                   dtype=dtype, device=device)
+                                   dtype=dtype, device=device, parallel=parallel, split="column")
         self.act = get_gated_activation(act)
-        self.down_proj = Linear(intermediate_size, hidden_size, bias=bias, dtype=dtype, device=device)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=bias, dtype=dtype, device=device,
+                                parallel=parallel, split="row")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_up_proj(x)))
@@ -92,7 +101,8 @@ class MLP(nn.Module):
 class LlamaDecoderLayer(nn.Module):
     """Pre-norm block; `residual` is the running stream, added inside the next norm."""
 
-    def __init__(self, cfg, layer_idx: int, backend, *, qkv_bias: bool, has_qk_norm: bool, dtype, device):
+    def __init__(self, cfg, layer_idx: int, backend, *, qkv_bias: bool, has_qk_norm: bool, dtype, device,
+                 parallel: ParallelContext = SINGLE):
         super().__init__()
         head_dim = head_dim_of(cfg)
         attn_bias = bool(getattr(cfg, "attention_bias", False))
@@ -100,10 +110,10 @@ class LlamaDecoderLayer(nn.Module):
             cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads, head_dim,
             backend=backend, scale=head_dim**-0.5, qkv_bias=qkv_bias or attn_bias, o_bias=attn_bias,
             qk_norm_eps=cfg.rms_norm_eps if has_qk_norm else None,
-            sliding_window=layer_sliding_window(cfg, layer_idx), dtype=dtype, device=device,
+            sliding_window=layer_sliding_window(cfg, layer_idx), dtype=dtype, device=device, parallel=parallel,
         )
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act,
-                       bias=bool(getattr(cfg, "mlp_bias", False)), dtype=dtype, device=device)
+                       bias=bool(getattr(cfg, "mlp_bias", False)), dtype=dtype, device=device, parallel=parallel)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, device=device)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, device=device)
 
@@ -121,10 +131,10 @@ class DecoderModel(nn.Module):
     """embed -> layers -> final norm. Holds the rotary table shared by every layer."""
 
     def __init__(self, cfg, layers: list[nn.Module], *, embed_scale: float | None = None,
-                 norm_offset: float = 0.0, dtype, device):
+                 norm_offset: float = 0.0, dtype, device, parallel: ParallelContext = SINGLE):
         super().__init__()
         self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, scale=embed_scale,
-                                           dtype=dtype, device=device)
+                                           dtype=dtype, device=device, parallel=parallel)
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, weight_offset=norm_offset, dtype=dtype, device=device)
         self.rotary = get_rope(cfg, head_dim_of(cfg), dtype=dtype, device=device)
@@ -145,24 +155,25 @@ class LlamaForCausalLM(CausalLM):
     qkv_bias = False
     has_qk_norm = False
 
-    def __init__(self, hf_config, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+    def __init__(self, hf_config, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 parallel: ParallelContext = SINGLE):
         super().__init__()
         device = torch.device(device)
         cfg = hf_config
-        self.config, self.dtype, self.device = cfg, dtype, device
+        self.config, self.dtype, self.device, self.parallel = cfg, dtype, device, parallel
         self.num_layers = cfg.num_hidden_layers
-        self.num_kv_heads = cfg.num_key_value_heads or cfg.num_attention_heads
+        self.num_kv_heads = parallel.shard(cfg.num_key_value_heads or cfg.num_attention_heads, "KV heads")[1]
         self.head_dim = head_dim_of(cfg)
         backend = get_attention_backend(device)
         layers = [
             LlamaDecoderLayer(cfg, i, backend, qkv_bias=self.qkv_bias, has_qk_norm=self.has_qk_norm,
-                              dtype=dtype, device=device)
+                              dtype=dtype, device=device, parallel=parallel)
             for i in range(cfg.num_hidden_layers)
         ]
-        self.model = DecoderModel(cfg, layers, dtype=dtype, device=device)
+        self.model = DecoderModel(cfg, layers, dtype=dtype, device=device, parallel=parallel)
         self.lm_head = (
             None if getattr(cfg, "tie_word_embeddings", False)
-            else Linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype, device=device)
+            else Linear(cfg.hidden_size, cfg.vocab_size, dtype=dtype, device=device, parallel=parallel, split="column")
         )
 
     def forward(self, input_ids, positions, kv_caches, attn_metadata) -> torch.Tensor:

@@ -17,6 +17,8 @@ finish_reason "abort" after the deadline is reported the same way."""
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from contextlib import asynccontextmanager
 
 import uvicorn
@@ -24,6 +26,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from ember.errors import EngineDeadError, InvalidRequestError
+from ember.lora.routes import add_lora_routes
 from ember.server.chat import ChatRenderer
 from ember.server.errors import ServiceUnavailableError, ember_error_response, install_error_handlers
 from ember.server.limits import ServerSettings, resolve_lora
@@ -64,6 +67,7 @@ def create_app(engine, cfg=None) -> FastAPI:
     app.state.ember = state
     install_error_handlers(app)
     _add_routes(app, state)
+    add_lora_routes(app, state, cfg, _guard)  # run-time adapter loading, only when ember.lora_runtime_dir is set
     # added innermost first: CatchAll -> ApiKey -> Draining -> BodyLimit -> routes
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(DrainingMiddleware, is_draining=lambda: state.is_draining)
@@ -204,5 +208,21 @@ def run_server(cfg) -> None:
 
     engine = AsyncLLM(cfg)
     app = create_app(engine, cfg)
-    build_server(app).run()
+    server = build_server(app)
+    threading.Thread(target=_exit_when_engine_dies, args=(engine, server), name="ember-watchdog", daemon=True).start()
+    server.run()
+    reason = engine.dead_reason()
+    if reason is not None:  # a dead engine (e.g. a tensor-parallel worker killed) ends the process, clearly
+        raise SystemExit(f"ember serve: the engine died, so the server exited: {reason}")
+
+
+def _exit_when_engine_dies(engine, server: EmberServer, poll_s: float = 0.5) -> None:
+    """/health already says 503 once the engine is dead; this also stops the server (an orchestrator restarts it)."""
+    while not server.should_exit:
+        reason = engine.dead_reason()
+        if reason is not None:
+            logger.error("engine died (%s); shutting the server down", reason)
+            server.should_exit = True
+            return
+        time.sleep(poll_s)
 

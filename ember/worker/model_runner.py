@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ember.distributed.parallel import SINGLE, ParallelContext
 from ember.layers.attention import build_attention_metadata
 from ember.layers.sampler import Sampler
 from ember.models.registry import get_model_class
@@ -37,15 +38,32 @@ class ModelRunnerOutput:
     spec: dict[str, SpecOutput] = field(default_factory=dict)  # requests that verified drafts
 
 
+@dataclass
+class ForwardMetadata:
+    """One forward pass as plain data: what every tensor-parallel rank needs to run it (no Request objects)."""
+
+    token_ids: list[int]  # [T] flat, grouped by sequence
+    positions: list[int]  # [T] rope positions
+    query_lens: list[int]  # [B] new tokens per sequence
+    seq_lens: list[int]  # [B] KV length per sequence after this step
+    block_tables: list[list[int]]  # [B][blocks] KV block ids per sequence
+    sample_rows: list[int]  # flat indices whose logits are wanted
+    custom_mask: torch.Tensor | None = None  # [T, max_seq_len] bool on CPU: tree-draft attention, else causal
+
+
 class ModelRunner:
-    def __init__(self, checkpoint, dtype: torch.dtype, device: torch.device, block_size: int):
+    def __init__(self, checkpoint, dtype: torch.dtype, device: torch.device, block_size: int,
+                 parallel: ParallelContext = SINGLE):
         self.device = device
         self.dtype = dtype
         self.block_size = block_size
         self.hf_config = checkpoint.hf_config
+        self.parallel = parallel  # this rank's slice of the model (tensor_parallel_count > 1)
+        self.mirror = None  # TP rank 0: ember.worker.executor.StepMirror, ships each forward/KV move to the workers
         model_cls = get_model_class(checkpoint.architecture)
         with torch.device(device):
-            self.model = model_cls(checkpoint.hf_config, dtype=dtype, device=device)
+            self.model = (model_cls(checkpoint.hf_config, dtype=dtype, device=device, parallel=parallel)
+                          if parallel.is_parallel else model_cls(checkpoint.hf_config, dtype=dtype, device=device))
         self.model.load_weights(checkpoint.iter_weights())
         self.model.eval()
         self.kv_cache_dtype = self.model.kv_cache_dtype or dtype  # an engine may quantize the cache (fp8)
@@ -54,6 +72,7 @@ class ModelRunner:
         self.generators: dict[str, torch.Generator] = {}
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
+        self.lora_manager = None  # ember.lora.LoRAManager when adapters are served; set by the engine setup
 
     # ---- KV cache -------------------------------------------------------------------------------
     def bytes_per_block(self) -> int:
@@ -99,17 +118,17 @@ class ModelRunner:
         out = ModelRunnerOutput()
         if not token_ids:
             return out
-        dev = self.device
-        input_ids = torch.tensor(token_ids, dtype=torch.int64).to(dev, non_blocking=True)  # [T]
-        pos = torch.tensor(positions, dtype=torch.int64).to(dev, non_blocking=True)  # [T]
-        meta = build_attention_metadata(query_lens, seq_lens, block_tables, self.block_size, dev)
+        custom_mask = None
         if any(t is not None for t in trees):
-            meta.custom_mask = tree_attention_mask(sched_out.scheduled, trees, meta.max_seq_len, dev)
-        hidden = self.model(input_ids, pos, self.kv_caches, meta)  # [T, H]
+            custom_mask = tree_attention_mask(sched_out.scheduled, trees, max(seq_lens), "cpu")
+        if self.lora_manager is not None:  # each token's adapter slot, read by the LoRA layers
+            self.lora_manager.prepare([(item.request.lora_name, item.num_new_tokens) for item in sched_out.scheduled])
+        logits = self.forward(ForwardMetadata(token_ids, positions, query_lens, seq_lens, block_tables, sample_rows,
+                                              custom_mask))  # [R, V] float32
+        if self.lora_manager is not None:
+            self.lora_manager.batch = None  # the mapping belongs to this forward only
         if not sampling_items:
             return out
-        rows = torch.tensor(sample_rows, dtype=torch.int64, device=dev)
-        logits = self.model.compute_logits(hidden.index_select(0, rows))  # [R, V] float32
         if not any(item.num_draft_tokens for item, _ in sampling_items):
             self._sample(logits, [item.request for item, _ in sampling_items], out)
             return out
@@ -128,6 +147,30 @@ class ModelRunner:
             self._sample(logits[plain_rows], plain_reqs, out)
         self._verify(logits[spec_rows], spec_items, out)
         return out
+
+    @torch.inference_mode()
+    def forward(self, step: ForwardMetadata) -> torch.Tensor | None:
+        """The forward pass every tensor-parallel rank runs -> logits at `sample_rows` [R, V] float32 (rank 0;
+        None on the others, or when nothing samples)."""
+        if self.mirror is not None:
+            self.mirror.send_forward(step)
+        dev = self.device
+        input_ids = torch.tensor(step.token_ids, dtype=torch.int64).to(dev, non_blocking=True)  # [T]
+        pos = torch.tensor(step.positions, dtype=torch.int64).to(dev, non_blocking=True)  # [T]
+        meta = build_attention_metadata(step.query_lens, step.seq_lens, step.block_tables, self.block_size, dev)
+        if step.custom_mask is not None:
+            meta.custom_mask = step.custom_mask.to(dev)
+        hidden = self.model(input_ids, pos, self.kv_caches, meta)  # [T, H]
+        if not step.sample_rows:
+            return None
+        rows = torch.tensor(step.sample_rows, dtype=torch.int64, device=dev)
+        return self.model.compute_logits(hidden.index_select(0, rows))  # [R, V] float32
+
+    def move_kv(self, src: list[int], dst: list[int]) -> None:
+        """Copy KV slots src -> dst in every layer (accepted tree drafts), on every rank."""
+        if self.mirror is not None and src:
+            self.mirror.send_kv_move(src, dst)
+        copy_kv_slots(self.kv_caches, src, dst)
 
     def _sample(self, logits: torch.Tensor, reqs: list, out: ModelRunnerOutput) -> None:
         """One token per request from logits [N, V] (one row each)."""
@@ -168,4 +211,4 @@ class ModelRunner:
                 s, d = kv_moves(item, so.accepted_nodes, self.block_size)
                 src.extend(s)
                 dst.extend(d)
-        copy_kv_slots(self.kv_caches, src, dst)
+        self.move_kv(src, dst)

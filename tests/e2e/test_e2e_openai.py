@@ -1,4 +1,4 @@
-"""The real server (default model, bf16) driven by the official `openai` SDK: chat and completions,
+"""The real server (default model, float32) driven by the official `openai` SDK: chat and completions,
 streaming and not, n=2, stop, seed reproducibility, logprobs, usage counted by the tokenizer; and
 `baseten-performance-client` batch_post of 20 chat payloads."""
 
@@ -18,7 +18,9 @@ FIXED = {"ignore_eos": True}  # extra_body: exactly max_tokens tokens, whatever 
 
 @pytest.fixture(scope="module")
 def server():
-    with real_server(api_key=API_KEY) as s:
+    # float32: greedy outputs are batch-invariant there (bf16 rounding can flip near-ties), and
+    # several tests compare one greedy text reached two ways (streamed, batched, prefix-cached)
+    with real_server(api_key=API_KEY, dtype="float32") as s:
         yield s
         assert wait_until(s.is_idle), "requests or KV blocks left over"  # every request finished or aborted
 
@@ -183,12 +185,12 @@ def test_async_concurrent(server):
                                                     extra_body=FIXED)
                 return "".join([c.choices[0].text async for c in s if c.choices])
 
-            together = await asyncio.gather(*(one(i) for i in range(6)))
-            alone = [await one(i) for i in (0, 5)]
+            together = await asyncio.gather(*(one(i) for i in range(4)))
+            alone = [await one(i) for i in (0, 3)]
             return together, alone
 
     together, alone = asyncio.run(main())
-    assert all(together) and [together[0], together[5]] == alone
+    assert all(together) and [together[0], together[3]] == alone
 
 
 def test_errors_map_to_sdk_exceptions(sdk, server):

@@ -116,3 +116,13 @@ def test_default_model_greedy_identical():
         outs = llm.generate(prompts, params)
         assert [o.token_ids for o in outs] == [o.token_ids for o in plain]
         assert sum(o.metrics.num_accepted_tokens for o in outs) > 0
+
+
+def test_drafts_past_a_stop_are_not_emitted(tiny_pair):
+    plain, spec = tiny_pair
+    prompt = _prompts(1)[-1]  # repetitive: long accepted drafts
+    ref = plain.generate([prompt], _greedy(12))[0].token_ids
+    for params in (_greedy(5), SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[ref[3]])):
+        out = spec.generate([prompt], params)[0]
+        want = plain.generate([prompt], params)[0]
+        assert out.token_ids == want.token_ids and out.finish_reason == want.finish_reason

@@ -1,0 +1,99 @@
+"""ParallelContext: which tensor-parallel rank a model is built for, and the few collectives its layers need.
+
+A context is passed explicitly to model constructors (never read from global state). The default,
+`SINGLE`, is one rank: every collective is the identity, so a tensor_parallel_count of 1 runs exactly
+the single-process code. Layers ask it for their slice (`shard`) and call `all_reduce` (row-parallel
+outputs, vocab-parallel embeddings) and `gather_first` (vocab-parallel logits to rank 0).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class CommStats:
+    """What this rank's collectives moved and how long they blocked (for `ember bench` and the TP report)."""
+
+    num_calls: int = 0
+    num_bytes: int = 0  # payload bytes handed to the collectives by this rank
+    seconds: float = 0.0  # wall time spent inside them (includes waiting for slower ranks)
+
+    def reset(self) -> None:
+        self.num_calls, self.num_bytes, self.seconds = 0, 0, 0.0
+
+
+@dataclass(frozen=True)
+class ParallelContext:
+    rank: int = 0
+    world_size: int = 1
+    group: object = None  # torch.distributed ProcessGroup of the TP ranks; None: the default group
+    # gloo sums low-precision partials in their own dtype; reduce in float32 and round once instead
+    reduce_in_fp32: bool = False
+    stats: CommStats = field(default_factory=CommStats, compare=False)
+
+    @property
+    def is_parallel(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_first(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, num_units: int, what: str = "units") -> tuple[int, int]:
+        """(first unit, unit count) of this rank's share of `num_units` (heads, rows, columns).
+
+        More units than ranks: an even split (num_units must divide). Fewer (e.g. KV heads): each rank
+        takes one, and num_units must divide world_size, so each unit is replicated on world/num ranks."""
+        w = self.world_size
+        if num_units >= w:
+            if num_units % w:
+                raise ValueError(f"{what}: {num_units} cannot be split evenly over tensor_parallel_count={w}")
+            count = num_units // w
+            return self.rank * count, count
+        if w % num_units:
+            raise ValueError(f"{what}: {num_units} cannot be replicated evenly over tensor_parallel_count={w}")
+        return self.rank * num_units // w, 1
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum of `x` over the ranks (identity on one rank)."""
+        if self.world_size == 1:
+            return x
+        import torch.distributed as dist
+
+        t0 = time.perf_counter()
+        buf = x.float() if self.reduce_in_fp32 and x.dtype != torch.float32 else x.contiguous()
+        dist.all_reduce(buf, group=self.group)
+        self._count(buf, t0)
+        return buf.to(x.dtype) if buf.dtype != x.dtype else buf
+
+    def gather_first(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor | None:
+        """Rank 0 gets every rank's `x` concatenated along `dim`; the other ranks get None."""
+        if self.world_size == 1:
+            return x
+        import torch.distributed as dist
+
+        t0 = time.perf_counter()
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(self.world_size)] if self.rank == 0 else None
+        dist.gather(x, parts, dst=self._global_rank(0), group=self.group)
+        self._count(x, t0)
+        return torch.cat(parts, dim=dim) if parts is not None else None
+
+    def _global_rank(self, group_rank: int) -> int:
+        if self.group is None:
+            return group_rank
+        import torch.distributed as dist
+
+        return dist.get_global_rank(self.group, group_rank)
+
+    def _count(self, t: torch.Tensor, t0: float) -> None:
+        self.stats.num_calls += 1
+        self.stats.num_bytes += t.numel() * t.element_size()
+        self.stats.seconds += time.perf_counter() - t0
+
+
+SINGLE = ParallelContext()  # one rank: no collectives

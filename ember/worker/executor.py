@@ -1,0 +1,165 @@
+"""Executor: the ranks that run the model. With tensor_parallel_count 1 it is rank 0's ModelRunner and nothing
+else (no extra process, no collectives). With N > 1 it also owns the worker ranks: rank 0 (this process)
+runs the scheduler and sampler; before each forward its runner's `StepMirror` broadcasts the step as plain
+data (`ForwardMetadata`: token ids, positions, lengths, block tables) and every rank runs the same forward
+on its shard; the vocabulary-parallel logits are gathered to rank 0, which samples.
+
+Health: a worker that exits (spawned ranks are watched by pid) or stops answering (torchrun ranks, found by
+a broken collective or a periodic ping) makes `check_health` raise EngineDeadError, which stops the engine
+loop; the server then answers /health with 503 and exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import time
+
+import torch
+
+from ember.distributed.launch import check_world_size, close_ranks, free_port, init_ranks, rank_device
+from ember.distributed.parallel import SINGLE, ParallelContext
+from ember.distributed.worker import run_worker, set_rank_threads
+from ember.errors import EngineDeadError
+from ember.worker.model_runner import ForwardMetadata, ModelRunner
+
+logger = logging.getLogger(__name__)
+
+PING_INTERVAL_S = 2.0  # an idle engine checks its worker ranks this often
+
+
+class StepMirror:
+    """Rank 0's end of the worker protocol (see ember.distributed.worker): one broadcast per message."""
+
+    def __init__(self, control):
+        self.control = control
+        self.num_messages = 0
+        self.num_bytes = 0  # pickled message bytes sent (the per-step control traffic)
+        self.seconds = 0.0
+        self.last_sent = time.monotonic()
+
+    def send(self, kind: str, payload=None) -> None:
+        import torch.distributed as dist
+
+        t0 = time.perf_counter()
+        msg = (kind, payload)
+        self.num_bytes += len(pickle.dumps(msg))
+        dist.broadcast_object_list([msg], src=0, group=self.control)
+        self.num_messages += 1
+        self.seconds += time.perf_counter() - t0
+        self.last_sent = time.monotonic()
+
+    def send_forward(self, step: ForwardMetadata) -> None:
+        self.send("forward", step)
+
+    def send_kv_move(self, src: list[int], dst: list[int]) -> None:
+        self.send("kv_move", (list(src), list(dst)))
+
+
+class Executor:
+    def __init__(self, runner: ModelRunner, processes: list | None = None, is_launched: bool = False):
+        self.runner = runner
+        self.parallel: ParallelContext = runner.parallel
+        self.processes = processes or []  # spawned worker ranks 1..N-1 (empty under torchrun)
+        self.is_launched = is_launched  # ranks started by an external launcher (torchrun)
+        self._failure: str | None = None
+        self._is_closed = False
+
+    @classmethod
+    def start(cls, cfg, checkpoint, dtype: torch.dtype, device: torch.device) -> "Executor":
+        """Build rank 0's runner; with tensor_parallel_count > 1 spawn the worker ranks (or join the ones a
+        launcher started, when the process group is already initialized) and shard the model over them."""
+        build = cfg.trt_llm.build
+        tp = build.tensor_parallel_count
+        if tp == 1:
+            return cls(ModelRunner(checkpoint, dtype, device, cfg.ember.block_size))
+        import torch.distributed as dist
+
+        if build.lora_adapters:
+            raise ValueError("trt_llm.build.lora_adapters cannot be combined with tensor_parallel_count > 1 yet; "
+                             "use tensor_parallel_count: 1")
+        processes, init_method = [], None
+        is_launched = dist.is_initialized()
+        if is_launched:
+            if dist.get_world_size() != tp or dist.get_rank() != 0:
+                raise ValueError(f"trt_llm.build.tensor_parallel_count={tp}, but the launcher started "
+                                 f"{dist.get_world_size()} ranks; they must match")
+        else:
+            check_world_size(tp, device)
+            init_method = f"tcp://127.0.0.1:{free_port()}"
+            ctx = torch.multiprocessing.get_context("spawn")
+            for rank in range(1, tp):
+                p = ctx.Process(target=run_worker, args=(cfg, rank, tp, init_method, rank, os.getpid()),
+                                name=f"ember-tp-rank{rank}", daemon=True)
+                p.start()
+                processes.append(p)
+        try:
+            device = rank_device(device, 0)
+            set_rank_threads(cfg, tp, device)
+            parallel, control = init_ranks(0, tp, init_method, device)
+            runner = ModelRunner(checkpoint, dtype, device, cfg.ember.block_size, parallel)
+        except BaseException:
+            _stop_processes(processes, graceful=False)
+            close_ranks()
+            raise
+        runner.mirror = StepMirror(control)
+        logger.info("tensor parallel: %d ranks (%s), %s", tp, "launched" if is_launched else "spawned",
+                    "gloo, all-reduce in float32" if parallel.reduce_in_fp32 else "nccl")
+        return cls(runner, processes, is_launched)
+
+    # ---- what the engine calls ------------------------------------------------------------------
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        """Every rank allocates the same number of blocks (rank 0 decides), each with its KV heads."""
+        if self.runner.mirror is not None:
+            self.runner.mirror.send("kv", num_blocks)
+        self.runner.allocate_kv_cache(num_blocks)
+
+    def execute(self, sched_out, spec=None):
+        return self.runner.execute(sched_out, spec)
+
+    def dead_reason(self) -> str | None:
+        """Why the ranks can no longer run the model, or None while they can. Safe from any thread."""
+        for rank, p in enumerate(self.processes, start=1):
+            if p.exitcode is not None and not self._is_closed:
+                return f"tensor-parallel worker rank {rank} (pid {p.pid}) exited with code {p.exitcode}"
+        return self._failure
+
+    def is_alive(self) -> bool:
+        return self.dead_reason() is None
+
+    def check_health(self) -> None:
+        """Raise EngineDeadError if a rank is gone. Called by the engine thread (it may ping idle workers)."""
+        mirror = self.runner.mirror
+        if mirror is not None and self._failure is None and time.monotonic() - mirror.last_sent > PING_INTERVAL_S:
+            try:
+                mirror.send("ping")
+            except Exception as exc:  # noqa: BLE001 - a broken group means a rank is gone
+                self._failure = f"a tensor-parallel worker rank stopped answering ({type(exc).__name__}: {exc})"
+        reason = self.dead_reason()
+        if reason is not None:
+            raise EngineDeadError(f"{reason}; the engine cannot run without all its ranks")
+
+    def shutdown(self) -> None:
+        """Stop the worker ranks (asking first when they are healthy) and leave the process group."""
+        if self._is_closed or not self.parallel.is_parallel:
+            return
+        healthy = self.is_alive()
+        if healthy and self.runner.mirror is not None:
+            try:
+                self.runner.mirror.send("stop")
+            except Exception:  # noqa: BLE001
+                healthy = False
+        self._is_closed = True
+        _stop_processes(self.processes, graceful=healthy)
+        if healthy:
+            close_ranks()  # with a rank gone the group cannot be torn down cleanly; the process exits anyway
+
+
+def _stop_processes(processes: list, graceful: bool) -> None:
+    for p in processes:
+        if graceful:
+            p.join(10)
+        if p.is_alive():
+            p.kill()
+            p.join(5)

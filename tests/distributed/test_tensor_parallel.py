@@ -1,0 +1,128 @@
+"""tensor_parallel_count 2 (two gloo ranks on the CPU) gives the same greedy tokens as 1: every architecture,
+a quantized engine, the default model; through LLM.generate and through the server. A killed worker rank
+makes the server unhealthy and exit. Each TP=2 engine spawns one worker process; kept tiny (2 shared cores)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from ember import LLM, SamplingParams
+
+from conftest import ARCHS, default_gguf
+
+PROMPTS = [[5, 9, 17, 33, 8, 120], [100, 3, 4], [7] * 11]
+GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+
+
+def greedy_tokens(source, tp: int, prompts=PROMPTS, params=GREEDY, **overrides) -> list[list[int]]:
+    llm = LLM(str(source), tensor_parallel_count=tp, device="cpu", **overrides)
+    try:
+        return [o.token_ids for o in llm.generate(prompts, params)]
+    finally:
+        llm.engine.shutdown()
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_tp2_matches_tp1(tiny_checkpoints, arch):
+    path = tiny_checkpoints[arch]
+    assert greedy_tokens(path, 2, dtype="float32") == greedy_tokens(path, 1, dtype="float32")
+
+
+@pytest.mark.parametrize("qtype", ["int8", "int4", "fp8"])
+def test_tp2_quantized_engine(tiny_checkpoints, tmp_path, qtype):
+    from ember.build.builder import build_engine
+    from ember.config import load_config
+
+    cfg = load_config({"model_name": "tiny", "trt_llm": {"build": {
+        "checkpoint_repository": {"source": "LOCAL", "repo": str(tiny_checkpoints["Qwen3ForCausalLM"])},
+        "quantization_type": qtype, "quantization_config": {"calib_size": 2, "calib_max_seq_length": 32}}},
+        "ember": {"dtype": "float32", "device": "cpu"}})
+    # int4 groups of 32: the row-parallel layers' per-rank inputs (64 of 128, 32 of 64... ) hold whole groups
+    engine = build_engine(cfg, tmp_path / "engine", int4_group_size=32, num_eval_prompts=1, eval_max_seq_length=16,
+                          progress=False, log=lambda *_: None)
+    assert greedy_tokens(engine, 2) == greedy_tokens(engine, 1)
+
+
+def test_tp2_default_model():
+    prompts = ["def fib(n):", "The capital of France is"]
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    assert greedy_tokens(default_gguf(), 2, prompts, params, dtype="float32") == \
+        greedy_tokens(default_gguf(), 1, prompts, params, dtype="float32")
+
+
+def _serve(path, tp: int, port: int) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "ember.cli", "serve", str(path), "--port", str(port)]
+    env = dict(os.environ, EMBER_TEST_TP=str(tp))
+    cfg = path.parent / f"tp{tp}.yaml"
+    cfg.write_text(f"model_name: tiny\ntrt_llm:\n  build:\n    checkpoint_repository: {{source: LOCAL, repo: {path}}}\n"
+                   f"    tensor_parallel_count: {tp}\nember: {{dtype: float32, device: cpu}}\n")
+    cmd[4] = str(cfg)
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_ready(proc, url: str, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            if httpx.get(f"{url}/health", timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("server did not become ready")
+
+
+def _worker_pids(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def test_server_tp2_matches_and_dies_with_a_worker(tiny_checkpoints):
+    from ember.distributed.launch import free_port
+
+    path = tiny_checkpoints["LlamaForCausalLM"]
+    expected = greedy_tokens(path, 1, prompts=[PROMPTS[0]], dtype="float32")[0]
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = _serve(path, 2, port)
+    try:
+        _wait_ready(proc, url)
+        r = httpx.post(f"{url}/v1/completions", json={"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 10,
+                                                       "temperature": 0.0, "ignore_eos": True,
+                                                       "logprobs": 0}, timeout=60)
+        assert r.status_code == 200, r.text
+        text = r.json()["choices"][0]["text"]
+        llm_text = None  # compare the text the server sent with the same tokens decoded
+        from transformers import AutoTokenizer
+
+        llm_text = AutoTokenizer.from_pretrained(path).decode(expected)
+        assert text == llm_text
+        workers = _worker_pids(proc.pid)
+        assert workers, "no worker rank process"
+        os.kill(workers[0], signal.SIGKILL)
+        t0 = time.monotonic()
+        saw_503 = False
+        while proc.poll() is None and time.monotonic() - t0 < 20:
+            try:
+                saw_503 |= httpx.get(f"{url}/health", timeout=1.0).status_code == 503
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        assert proc.poll() is not None, "the server did not exit after its worker rank was killed"
+        assert proc.returncode != 0
+        out = proc.stdout.read()
+        assert "tensor-parallel worker rank 1" in out and "exited with code -9" in out, out[-2000:]
+        assert time.monotonic() - t0 < 20
+        del saw_503  # the server may exit before a probe lands; the exit and its message are the contract
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
