@@ -44,19 +44,33 @@ class ParallelContext:
         return self.rank == 0
 
     def shard(self, num_units: int, what: str = "units") -> tuple[int, int]:
-        """(first unit, unit count) of this rank's share of `num_units` (heads, rows, columns).
+        """(first unit, unit count) of this rank's share of `num_units` (KV groups, rows, columns).
 
-        More units than ranks: an even split (num_units must divide). Fewer (e.g. KV heads): each rank
-        takes one, and num_units must divide world_size, so each unit is replicated on world/num ranks."""
-        w = self.world_size
+        At least as many units as ranks: a balanced split (sizes differ by at most one, so 9 heads over 2
+        ranks is 5 + 4). Fewer (e.g. KV heads): each rank takes one unit, replicated on world/num ranks
+        (num_units must divide world_size)."""
+        w, r = self.world_size, self.rank
         if num_units >= w:
-            if num_units % w:
-                raise ValueError(f"{what}: {num_units} cannot be split evenly over tensor_parallel_count={w}")
-            count = num_units // w
-            return self.rank * count, count
+            start = r * num_units // w
+            return start, (r + 1) * num_units // w - start
         if w % num_units:
             raise ValueError(f"{what}: {num_units} cannot be replicated evenly over tensor_parallel_count={w}")
-        return self.rank * num_units // w, 1
+        return r * num_units // w, 1
+
+    def shard_heads(self, num_heads: int, num_kv_heads: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        """((first q head, count), (first KV head, count)) of this rank. Heads split by KV group, so each rank
+        keeps whole groups (the same q-per-KV ratio as the model); fewer KV heads than ranks: a KV head is
+        replicated and its group's query heads are split between the replicas."""
+        group = num_heads // num_kv_heads
+        kv_start, kv_count = self.shard(num_kv_heads, "num_key_value_heads")
+        if num_kv_heads >= self.world_size:
+            return (kv_start * group, kv_count * group), (kv_start, kv_count)
+        replicas = self.world_size // num_kv_heads
+        if group % replicas:
+            raise ValueError(f"num_attention_heads: {num_heads} query heads in {num_kv_heads} KV groups cannot be "
+                             f"split over tensor_parallel_count={self.world_size}")
+        per = group // replicas
+        return (kv_start * group + (self.rank % replicas) * per, per), (kv_start, 1)
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum of `x` over the ranks (identity on one rank)."""

@@ -65,6 +65,7 @@ class Linear(nn.Module):
         parallel: ParallelContext = SINGLE,
         split: str | None = None,  # None (replicated) | "column" (output rows) | "row" (input columns)
         units: list[int] | None = None,  # column: slice granularity per output segment (head_dim); None: 1
+        shards: list[tuple[int, int]] | None = None,  # column: explicit (start, size) per segment; row: [(start, size)]
     ):
         super().__init__()
         full_sizes = [output_sizes] if isinstance(output_sizes, int) else list(output_sizes)
@@ -72,10 +73,12 @@ class Linear(nn.Module):
         self.parallel = parallel
         self.split = split if parallel.is_parallel else None
         self.segment_offsets = [0] * len(full_sizes)  # column: where each local segment starts in its full one
-        if self.split == "column":
+        if self.split == "column" and shards is not None:
+            self.segment_offsets, full_sizes = [s for s, _ in shards], [n for _, n in shards]
+        elif self.split == "column":
             full_sizes, self.segment_offsets = _column_shards(full_sizes, units, parallel)
         elif self.split == "row":
-            start, count = parallel.shard(in_features, "input features of a row-parallel linear")
+            start, count = shards[0] if shards else parallel.shard(in_features, "input features of a row-parallel linear")
             self.in_offset, in_features = start, count
         elif self.split is not None:
             raise ValueError(f"Linear split {split!r} is not one of None, 'column', 'row'")
@@ -124,11 +127,11 @@ class Linear(nn.Module):
             if param_name == "bias":  # added once, after the all-reduce sums the partial outputs
                 return full if self.parallel.is_first else torch.zeros_like(full)
             for d, (f, l) in enumerate(zip(full_shape, local_shape)):
-                if f != l:
-                    if f != l * self.parallel.world_size:
-                        raise ValueError(f"{param_name} dim {d} ({f}) does not split into {self.parallel.world_size} "
-                                         f"equal parts of {l}")
-                    full = full.narrow(d, self.parallel.rank * l, l)
+                if f != l:  # an input dim, maybe packed (int4: 2 per byte; group scales: 1 per group)
+                    offset = self.in_offset * l // self.in_features
+                    if f * self.in_features != l * self.full_in_features or offset * self.in_features != self.in_offset * l:
+                        raise ValueError(f"{param_name} dim {d} ({f}) cannot be cut at input column {self.in_offset}")
+                    full = full.narrow(d, offset, l)
             return full
         for d, (f, l) in enumerate(zip(full_shape, local_shape)):
             if f != l:

@@ -159,6 +159,9 @@ def build_lora_manager(cfg, model, dtype: torch.dtype, device: torch.device) -> 
     build = cfg.trt_llm.build
     if not build.lora_adapters and not getattr(cfg.ember, "lora_runtime_dir", None):
         return None
+    if build.tensor_parallel_count > 1:  # the slots would need the Linears' column/row sharding
+        raise AdapterError("trt_llm.build.lora_adapters: LoRA with tensor_parallel_count > 1 is not supported yet; "
+                           "use tensor_parallel_count: 1")
     lora_cfg = build.lora_configuration
     manager = LoRAManager(model, max_loras=cfg.ember.max_loras,
                           max_lora_rank=lora_cfg.max_lora_rank if lora_cfg else 64,

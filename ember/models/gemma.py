@@ -52,7 +52,7 @@ class Gemma2ForCausalLM(CausalLM):
         cfg = hf_config
         self.config, self.dtype, self.device, self.parallel = cfg, dtype, device, parallel
         self.num_layers = cfg.num_hidden_layers
-        self.num_kv_heads = parallel.shard(cfg.num_key_value_heads, "num_key_value_heads")[1]
+        self.num_kv_heads = parallel.shard_heads(cfg.num_attention_heads, cfg.num_key_value_heads)[1][1]
         self.head_dim = head_dim_of(cfg)
         self.final_logit_softcap = getattr(cfg, "final_logit_softcapping", None)
         backend = get_attention_backend(device)

@@ -48,16 +48,16 @@ class Attention(nn.Module):
         super().__init__()
         # per rank: a slice of the query heads; of the KV heads, a slice (or one, replicated, when fewer than ranks)
         q_full, kv_full = num_heads * head_dim, num_kv_heads * head_dim
-        num_heads = parallel.shard(num_heads, "num_attention_heads")[1]
-        num_kv_heads = parallel.shard(num_kv_heads, "num_key_value_heads")[1]
+        (q_start, num_heads), (kv_start, num_kv_heads) = parallel.shard_heads(num_heads, num_kv_heads)
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.q_size, self.kv_size = num_heads * head_dim, num_kv_heads * head_dim
         self.scale, self.sliding_window, self.logit_softcap = scale, sliding_window, logit_softcap
         self.backend = backend
+        q_shard, kv_shard = (q_start * head_dim, self.q_size), (kv_start * head_dim, self.kv_size)
         self.qkv_proj = Linear(hidden_size, [q_full, kv_full, kv_full], bias=qkv_bias, dtype=dtype, device=device,
-                               parallel=parallel, split="column", units=[head_dim] * 3)
+                               parallel=parallel, split="column", shards=[q_shard, kv_shard, kv_shard])
         self.o_proj = Linear(q_full, hidden_size, bias=o_bias, dtype=dtype, device=device,
-                             parallel=parallel, split="row")
+                             parallel=parallel, split="row", shards=[q_shard])
         self.qk_norm = (
             HeadRMSNorm(num_heads, num_kv_heads, head_dim, qk_norm_eps, dtype=dtype, device=device)
             if qk_norm_eps is not None
@@ -162,7 +162,8 @@ class LlamaForCausalLM(CausalLM):
         cfg = hf_config
         self.config, self.dtype, self.device, self.parallel = cfg, dtype, device, parallel
         self.num_layers = cfg.num_hidden_layers
-        self.num_kv_heads = parallel.shard(cfg.num_key_value_heads or cfg.num_attention_heads, "KV heads")[1]
+        self.num_kv_heads = parallel.shard_heads(cfg.num_attention_heads,
+                                                 cfg.num_key_value_heads or cfg.num_attention_heads)[1][1]
         self.head_dim = head_dim_of(cfg)
         backend = get_attention_backend(device)
         layers = [

@@ -26,6 +26,8 @@ ARCHS = {
                                                tie_word_embeddings=True)),
     "Phi3ForCausalLM": ("Phi3Config", dict(partial_rotary_factor=0.5)),
 }
+# the build's quality check feeds tokenizer text, so the quantized-engine test needs the tokenizer's vocabulary
+QUANT = ("Qwen3ForCausalLM", "Qwen3Config", dict(head_dim=32, vocab_size=49152))
 
 
 def default_gguf() -> Path:
@@ -42,7 +44,8 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
     gguf = default_gguf()
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     out = {}
-    for arch, (cfg_name, overrides) in ARCHS.items():
+    variants = {arch: (arch, *spec) for arch, spec in ARCHS.items()} | {"quant": QUANT}
+    for name, (arch, cfg_name, overrides) in variants.items():
         torch.manual_seed(0)
         cfg = getattr(transformers, cfg_name)(**{**_COMMON, **overrides})
         model = getattr(transformers, arch)(cfg)
@@ -50,8 +53,8 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
             for p in model.parameters():
                 if p.dim() == 2:
                     p.mul_(4.0)
-        path = root / arch
+        path = root / name
         model.save_pretrained(path, safe_serialization=True)
         tok.save_pretrained(path)
-        out[arch] = path
+        out[name] = path
     return out

@@ -41,10 +41,10 @@ def test_tp2_quantized_engine(tiny_checkpoints, tmp_path, qtype):
     from ember.config import load_config
 
     cfg = load_config({"model_name": "tiny", "trt_llm": {"build": {
-        "checkpoint_repository": {"source": "LOCAL", "repo": str(tiny_checkpoints["Qwen3ForCausalLM"])},
+        "checkpoint_repository": {"source": "LOCAL", "repo": str(tiny_checkpoints["quant"])},
         "quantization_type": qtype, "quantization_config": {"calib_size": 2, "calib_max_seq_length": 32}}},
         "ember": {"dtype": "float32", "device": "cpu"}})
-    # int4 groups of 32: the row-parallel layers' per-rank inputs (64 of 128, 32 of 64... ) hold whole groups
+    # int4 groups of 32: the row-parallel layers' per-rank inputs (64 of 128) hold whole groups
     engine = build_engine(cfg, tmp_path / "engine", int4_group_size=32, num_eval_prompts=1, eval_max_seq_length=16,
                           progress=False, log=lambda *_: None)
     assert greedy_tokens(engine, 2) == greedy_tokens(engine, 1)
