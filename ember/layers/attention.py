@@ -107,6 +107,24 @@ def _dequant(kv: torch.Tensor, kv_scale: torch.Tensor | None, dtype: torch.dtype
     return kv.to(dtype) * kv_scale.to(dtype).view(2, *([1] * (kv.dim() - 1)))
 
 
+def is_head_major(kv_cache: torch.Tensor) -> bool:
+    """True when the cache's memory is laid out head-major, `[2, Hk, num_blocks, block_size, D]` (the CPU
+    layout: a gather through block tables is then one contiguous copy per block and head)."""
+    return kv_cache.stride(3) > kv_cache.stride(1)
+
+
+def gather_kv(kv_cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+    """K/V of the blocks in `block_tables` [B, nblk] -> [2, Hk, B, nblk * block_size, D], ready for
+    batched matmuls over (Hk, B) without a transposing copy when the cache is head-major."""
+    num_seqs, nblk = block_tables.shape
+    if is_head_major(kv_cache):
+        phys = kv_cache.permute(0, 3, 1, 2, 4)  # [2, Hk, num_blocks, block_size, D], contiguous
+        _, hk, num_blocks, bs, d = phys.shape
+        rows = phys.reshape(2, hk, num_blocks, bs * d).index_select(2, block_tables.reshape(-1).long())
+        return rows.view(2, hk, num_seqs, nblk * bs, d)
+    return kv_cache[:, block_tables].flatten(2, 3).permute(0, 3, 1, 2, 4)  # [2, Hk, B, S, D], strided
+
+
 def _attend(q, k, v, mask, scale, softcap, is_causal=False):
     """Dense attention with GQA. q [N, Hq, L, D], k/v [N, Hk, S, D], mask bool broadcastable to [N, *, L, S]."""
     if softcap is None:
@@ -170,18 +188,19 @@ class TorchAttentionBackend(AttentionBackend):
             if window is not None:
                 visible &= kv_pos > last - window
             bias = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(~visible, float("-inf"))
-            entry = md.derived[cache_key] = (bt, bias[:, None, None, :])  # bias [B, 1, 1, S]
+            entry = md.derived[cache_key] = (bt, bias[None, :, None, :])  # bias [1, B, 1, S]
         bt, bias = entry
         num_seqs, num_heads, head_dim = q.shape
         num_kv_heads = kv_cache.shape[3]
-        kv = _dequant(kv_cache[:, bt], kv_scale, q.dtype).flatten(2, 3).transpose(2, 3)  # [2, B, Hk, S, D]
-        qg = q.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [B, Hk, G, D]
+        kv = _dequant(gather_kv(kv_cache, bt), kv_scale, q.dtype)  # [2, Hk, B, S, D]
+        qg = q.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim).transpose(0, 1)  # [Hk, B, G, D]
         if softcap is None:
-            scores = torch.matmul(qg * scale, kv[0].transpose(-1, -2))  # [B, Hk, G, S]
+            scores = torch.matmul(qg * scale, kv[0].transpose(-1, -2))  # [Hk, B, G, S]
         else:
             scores = torch.tanh(torch.matmul(qg, kv[0].transpose(-1, -2)) * (scale / softcap)) * softcap
         probs = torch.softmax(scores + bias, dim=-1)
-        return torch.matmul(probs, kv[1]).view(num_seqs, num_heads, head_dim)
+        out = torch.matmul(probs, kv[1])  # [Hk, B, G, D]
+        return out.transpose(0, 1).reshape(num_seqs, num_heads, head_dim)
 
     def _mixed(self, q, k, v, kv_cache, md, scale, window, softcap, kv_scale=None):
         """Decodes batched through `_decode`; each prefill chunk attended on its own."""
@@ -210,14 +229,14 @@ class TorchAttentionBackend(AttentionBackend):
             seq_len, q_len = md.seq_lens_list[i], e - s
             ctx = seq_len - q_len
             qi = q[s:e].transpose(0, 1).unsqueeze(0)  # [1, Hq, L, D]
-            if ctx == 0:
-                ki, vi = k[s:e], v[s:e]  # [L, Hk, D]: no cached context, use the new K/V directly
+            if ctx == 0:  # no cached context: use the new K/V directly
+                ki = k[s:e].transpose(0, 1).unsqueeze(0)  # [1, Hk, L, D]
+                vi = v[s:e].transpose(0, 1).unsqueeze(0)
             else:
                 nblk = -(-seq_len // block_size)
-                kv = _dequant(kv_cache[:, md.block_tables[i, :nblk]], kv_scale, q.dtype).flatten(1, 2)[:, :seq_len]  # [2, S, Hk, D]
-                ki, vi = kv[0], kv[1]
-            ki = ki.transpose(0, 1).unsqueeze(0)  # [1, Hk, S, D]
-            vi = vi.transpose(0, 1).unsqueeze(0)
+                kv = gather_kv(kv_cache, md.block_tables[i:i + 1, :nblk])[:, :, 0, :seq_len]  # [2, Hk, S, D]
+                kv = _dequant(kv, kv_scale, q.dtype)
+                ki, vi = kv[0].unsqueeze(0), kv[1].unsqueeze(0)  # [1, Hk, S, D]
             if md.custom_mask is not None:
                 mask = md.custom_mask[s:e, :seq_len]
             elif ctx == 0 and window is None:

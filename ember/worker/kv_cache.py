@@ -1,4 +1,10 @@
-"""Paged KV cache allocation: one `[2, num_blocks, block_size, num_kv_heads, head_dim]` tensor per layer (K, V)."""
+"""Paged KV cache allocation: one `[2, num_blocks, block_size, num_kv_heads, head_dim]` tensor per layer (K, V).
+
+That is the logical shape every consumer indexes. On CPU the memory behind it is head-major
+(`[2, num_kv_heads, num_blocks, block_size, head_dim]`, seen through a permuted view): gathering a batch's
+blocks then yields per-head contiguous K/V that batched matmuls read without a transposing copy
+(`ember.layers.attention.gather_kv`). On GPUs the Triton kernel reads the plain layout.
+"""
 
 from __future__ import annotations
 
@@ -22,7 +28,13 @@ def allocate_kv_caches(
     dtype: torch.dtype,
     device: torch.device | str,
 ) -> list[torch.Tensor]:
-    """One zeroed cache per layer, each `[2, num_blocks, block_size, num_kv_heads, head_dim]`."""
+    """One zeroed cache per layer, each of logical shape `[2, num_blocks, block_size, num_kv_heads, head_dim]`."""
+    if torch.device(device).type == "cpu":
+        return [
+            torch.zeros(2, num_kv_heads, num_blocks, block_size, head_dim, dtype=dtype, device=device)
+            .permute(0, 2, 3, 1, 4)
+            for _ in range(num_layers)
+        ]
     return [
         torch.zeros(2, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
         for _ in range(num_layers)

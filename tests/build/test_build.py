@@ -14,7 +14,7 @@ from ember.build.engine_dir import EngineFormatError
 from ember.checkpoint import load_checkpoint
 from ember.layers.quant import QUANT_SCHEMES, make_quant_method
 
-from conftest import build_config, write_tiny
+from build_support import build_config, write_tiny
 
 # type -> (max relative logit error, min greedy agreement, max bytes of a quantized Linear per fp32 byte)
 TOLERANCE = {

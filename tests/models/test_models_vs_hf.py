@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import VARIANTS, load_hf, load_ours
+from models_support import VARIANTS, load_hf, load_ours
 
 NAMES = list(VARIANTS)
 

@@ -9,7 +9,7 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from conftest import load_ours
+from models_support import load_ours
 from ember.models.registry import SUPPORTED_ARCHITECTURES, get_model_class
 
 

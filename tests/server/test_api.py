@@ -10,7 +10,7 @@ import pytest
 from openai.types import Completion
 from openai.types.chat import ChatCompletion
 
-from conftest import asgi_client, make_cfg
+from server_support import asgi_client, make_cfg
 from ember.server.app import create_app
 
 pytestmark = pytest.mark.anyio

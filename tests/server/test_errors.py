@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import asgi_client, make_cfg, parse_sse
+from server_support import asgi_client, make_cfg, parse_sse
 from ember.server.app import create_app
 
 pytestmark = pytest.mark.anyio

@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import live_server, make_cfg, parse_sse
+from server_support import live_server, make_cfg, parse_sse
 from ember.server.app import create_app
 from server_fakes import FakeEngine
 

@@ -8,7 +8,7 @@ import pytest
 from openai.types import Completion
 from openai.types.chat import ChatCompletionChunk
 
-from conftest import parse_sse
+from server_support import parse_sse
 
 pytestmark = pytest.mark.anyio
 

@@ -5,7 +5,7 @@ import re
 
 import pytest
 import torch
-from conftest import EOS, VOCAB
+from structured_support import EOS, VOCAB
 
 from ember.errors import InvalidRequestError
 from ember.structured.backend import GrammarBackend
