@@ -182,23 +182,30 @@ class TorchAttentionBackend(AttentionBackend):
         if entry is None:  # once per step, shared by every layer
             nblk = -(-max_len // block_size)
             bt = block_tables[:, :nblk]  # [B, nblk]
-            kv_pos = torch.arange(nblk * block_size, device=q.device)  # [S]
-            last = (seq_lens.long() - 1).unsqueeze(1)  # [B, 1]
-            visible = kv_pos <= last
-            if window is not None:
-                visible &= kv_pos > last - window
-            bias = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(~visible, float("-inf"))
-            entry = md.derived[cache_key] = (bt, bias[None, :, None, :])  # bias [1, B, 1, S]
+            if window is None and key == "all" and all(n == max_len for n in md.seq_lens_list):
+                bias = None  # equal lengths (batch 1 included): slicing off the block padding is the whole mask
+            else:
+                kv_pos = torch.arange(nblk * block_size, device=q.device)  # [S]
+                last = (seq_lens.long() - 1).unsqueeze(1)  # [B, 1]
+                visible = kv_pos <= last
+                if window is not None:
+                    visible &= kv_pos > last - window
+                bias = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(~visible, float("-inf"))
+                bias = bias[None, :, None, :]  # [1, B, 1, S]
+            entry = md.derived[cache_key] = (bt, bias)
         bt, bias = entry
         num_seqs, num_heads, head_dim = q.shape
         num_kv_heads = kv_cache.shape[3]
-        kv = _dequant(gather_kv(kv_cache, bt), kv_scale, q.dtype)  # [2, Hk, B, S, D]
+        kv = gather_kv(kv_cache, bt)  # [2, Hk, B, S, D]
+        if bias is None:
+            kv = kv[..., :max_len, :]  # a view: every sequence is exactly max_len long
+        kv = _dequant(kv, kv_scale, q.dtype)
         qg = q.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim).transpose(0, 1)  # [Hk, B, G, D]
         if softcap is None:
             scores = torch.matmul(qg * scale, kv[0].transpose(-1, -2))  # [Hk, B, G, S]
         else:
             scores = torch.tanh(torch.matmul(qg, kv[0].transpose(-1, -2)) * (scale / softcap)) * softcap
-        probs = torch.softmax(scores + bias, dim=-1)
+        probs = torch.softmax(scores if bias is None else scores + bias, dim=-1)
         out = torch.matmul(probs, kv[1])  # [Hk, B, G, D]
         return out.transpose(0, 1).reshape(num_seqs, num_heads, head_dim)
 
