@@ -79,6 +79,8 @@ def build_engine_setup(cfg) -> EngineSetup:
     executor.allocate_kv_cache(num_blocks)
     # a sequence can never be longer than the whole KV cache
     max_model_len = min(max_model_len, num_blocks * em.block_size)
+    if not em.enforce_eager:
+        runner.enable_cuda_graphs(max_model_len, max_batch_size)  # CUDA only; a no-op elsewhere
     block_manager = BlockManager(num_blocks, em.block_size, em.enable_prefix_caching)
     scheduler = Scheduler(block_manager, max_num_tokens=build.max_num_tokens, max_batch_size=max_batch_size,
                           max_seq_len=max_model_len, policy=rt.batch_scheduler_policy,

@@ -75,6 +75,7 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
         self.lora_manager = None  # ember.lora.LoRAManager when adapters are served; set by the engine setup
+        self.graph_runner = None  # ember.worker.cuda_graphs.CUDAGraphRunner on CUDA (all-decode steps)
 
     # ---- KV cache -------------------------------------------------------------------------------
     def bytes_per_block(self) -> int:
@@ -84,8 +85,21 @@ class ModelRunner:
     def allocate_kv_cache(self, num_blocks: int) -> None:
         m = self.model
         self.num_blocks = num_blocks
-        self.kv_caches = allocate_kv_caches(m.num_layers, num_blocks, self.block_size, m.num_kv_heads,
+        # on CUDA one scratch block beyond the block manager's: padding rows of graphed decode steps write there
+        extra = int(self.device.type == "cuda")
+        self.kv_caches = allocate_kv_caches(m.num_layers, num_blocks + extra, self.block_size, m.num_kv_heads,
                                             m.head_dim, self.kv_cache_dtype, self.device)
+
+    def enable_cuda_graphs(self, max_seq_len: int, max_batch_size: int) -> None:
+        """Capture decode forwards per batch-size bucket (CUDA, single rank); a failed capture stays eager."""
+        if self.device.type != "cuda" or self.parallel.is_parallel or not self.kv_caches:
+            return
+        from ember.worker.cuda_graphs import CUDAGraphRunner, graph_buckets
+
+        self.graph_runner = CUDAGraphRunner(self.model, self.kv_caches, block_size=self.block_size,
+                                            max_blocks_per_seq=-(-max_seq_len // self.block_size),
+                                            pad_block_id=self.num_blocks, buckets=graph_buckets(max_batch_size))
+        self.graph_runner.capture()
 
     # ---- one step -------------------------------------------------------------------------------
     def free_request(self, request_id: str) -> None:
@@ -157,16 +171,34 @@ class ModelRunner:
         if self.mirror is not None:
             self.mirror.send_forward(step)
         dev = self.device
+        hidden = self._graphed_forward(step)
+        if hidden is not None:
+            return self._logits(hidden, step)
         input_ids = torch.tensor(step.token_ids, dtype=torch.int64).to(dev, non_blocking=True)  # [T]
         pos = torch.tensor(step.positions, dtype=torch.int64).to(dev, non_blocking=True)  # [T]
         meta = build_attention_metadata(step.query_lens, step.seq_lens, step.block_tables, self.block_size, dev)
         if step.custom_mask is not None:
             meta.custom_mask = step.custom_mask.to(dev)
         hidden = self.model(input_ids, pos, self.kv_caches, meta)  # [T, H]
+        return self._logits(hidden, step)
+
+    def _logits(self, hidden: torch.Tensor, step: ForwardMetadata) -> torch.Tensor | None:
         if not step.sample_rows:
             return None
-        rows = torch.tensor(step.sample_rows, dtype=torch.int64, device=dev)
+        rows = torch.tensor(step.sample_rows, dtype=torch.int64, device=self.device)
         return self.model.compute_logits(hidden.index_select(0, rows))  # [R, V] float32
+
+    def _graphed_forward(self, step: ForwardMetadata) -> torch.Tensor | None:
+        """Replay a captured decode graph when the step is all-decode without masks or adapters; else None."""
+        if self.graph_runner is None or step.custom_mask is not None or any(n != 1 for n in step.query_lens):
+            return None
+        if self.lora_manager is not None and self.lora_manager.batch is not None:
+            return None
+        meta = build_attention_metadata(step.query_lens, step.seq_lens, step.block_tables, self.block_size, "cpu")
+        run = self.graph_runner.maybe_graph(meta)
+        if run is None:
+            return None
+        return run(torch.tensor(step.token_ids, dtype=torch.int64), torch.tensor(step.positions, dtype=torch.int64))
 
     def move_kv(self, src: list[int], dst: list[int]) -> None:
         """Copy KV slots src -> dst in every layer (accepted tree drafts), on every rank."""
