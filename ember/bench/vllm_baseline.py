@@ -14,18 +14,26 @@ from pathlib import Path
 
 _SCRIPT = r"""
 import json, sys, time
-from vllm import LLM, SamplingParams
-spec = json.load(open(sys.argv[1]))
-llm = LLM(model=spec["model"], dtype=spec["dtype"], max_model_len=spec["max_model_len"], seed=0)
-params = SamplingParams(max_tokens=spec["output_len"], temperature=0.0, ignore_eos=True)
-prompts = [{"prompt_token_ids": p} for p in spec["prompts"]]
-llm.generate(prompts[:1], params, use_tqdm=False)  # warm-up
-t0 = time.perf_counter()
-outs = llm.generate(prompts, params, use_tqdm=False)
-elapsed = time.perf_counter() - t0
-num = sum(len(o.outputs[0].token_ids) for o in outs)
-print("EMBER_RESULT " + json.dumps({"elapsed_s": elapsed, "output_tokens": num, "output_tok_s": num / elapsed,
-                                    "requests_s": len(prompts) / elapsed}))
+
+
+def main():  # vLLM starts its engine core with multiprocessing spawn: the work must sit under a main guard
+    from vllm import LLM, SamplingParams
+
+    spec = json.load(open(sys.argv[1]))
+    llm = LLM(model=spec["model"], dtype=spec["dtype"], max_model_len=spec["max_model_len"], seed=0)
+    params = SamplingParams(max_tokens=spec["output_len"], temperature=0.0, ignore_eos=True)
+    prompts = [{"prompt_token_ids": p} for p in spec["prompts"]]
+    llm.generate(prompts[:1], params, use_tqdm=False)  # warm-up
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    elapsed = time.perf_counter() - t0
+    num = sum(len(o.outputs[0].token_ids) for o in outs)
+    print("EMBER_RESULT " + json.dumps({"elapsed_s": elapsed, "output_tokens": num, "output_tok_s": num / elapsed,
+                                        "requests_s": len(prompts) / elapsed}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
 """
 
 
