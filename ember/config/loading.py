@@ -8,25 +8,22 @@ import os
 import re
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Any, Optional, Union
 
 import yaml
-from pydantic import (
-    AliasChoices,
-    BaseModel,
-    ByteSize,
-    ConfigDict,
-    Field,
-    TypeAdapter,
-    ValidationError,
-    field_validator,
-    model_validator,
+from pydantic import AliasChoices, BaseModel, ValidationError
+
+from ember.config.schema import (
+    _SECTIONS,
+    BuildConfig,
+    CheckpointRepository,
+    EmberSection,
+    EngineConfig,
+    LimitsConfig,
+    RuntimeConfig,
+    _show,
 )
-
 from ember.errors import ConfigError
-
-from ember.config.schema import *  # noqa: F401,F403
-from ember.config.schema import _SECTIONS, _Section, _show  # noqa: F401  (private helpers shared with the schema)
 
 
 _TRUSS_KEYS = frozenset("""

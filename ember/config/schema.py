@@ -3,15 +3,11 @@
 See ember/config/__init__.py for how a config is built and validated."""
 
 
-import difflib
-import json
-import os
 import re
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
-import yaml
 from pydantic import (
     AliasChoices,
     BaseModel,
