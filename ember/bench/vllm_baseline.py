@@ -20,7 +20,9 @@ def main():  # vLLM starts its engine core with multiprocessing spawn: the work 
     from vllm import LLM, SamplingParams
 
     spec = json.load(open(sys.argv[1]))
-    llm = LLM(model=spec["model"], dtype=spec["dtype"], max_model_len=spec["max_model_len"], seed=0)
+    # on CPU this fraction is of host memory, and the ember process beside it holds a few GB
+    llm = LLM(model=spec["model"], dtype=spec["dtype"], max_model_len=spec["max_model_len"], seed=0,
+              gpu_memory_utilization=0.5)
     params = SamplingParams(max_tokens=spec["output_len"], temperature=0.0, ignore_eos=True)
     prompts = [{"prompt_token_ids": p} for p in spec["prompts"]]
     llm.generate(prompts[:1], params, use_tqdm=False)  # warm-up
@@ -64,4 +66,5 @@ def run_vllm(llm, prompts: list[list[int]], output_len: int, python: str | None,
     for line in proc.stdout.splitlines():
         if line.startswith("EMBER_RESULT "):
             return json.loads(line[len("EMBER_RESULT "):])
-    raise RuntimeError(f"the vLLM baseline failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if "Error:" in line]  # vLLM logs to both
+    raise RuntimeError(f"the vLLM baseline failed (exit {proc.returncode}): {errors[-1] if errors else proc.stderr[-2000:]}")
