@@ -33,6 +33,10 @@ def layer_sliding_window(hf_config, layer_idx: int) -> int | None:
     return window
 
 
+def head_dim_of(hf_config) -> int:
+    return getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+
+
 class CausalLM(nn.Module):
     """Base of the model classes. Subclasses build `self.model` (embed_tokens, layers, norm) and `self.lm_head`
     (None when tied), name their modules like the HF checkpoint, and list fused tensors in `stacked_params`."""
@@ -54,6 +58,16 @@ class CausalLM(nn.Module):
     final_logit_softcap: float | None = None
     kv_cache_dtype: torch.dtype | None = None  # None: the model dtype; set by an engine's quantization
     parallel: ParallelContext = SINGLE  # the tensor-parallel rank this instance is built for
+
+    def _init_shape(self, hf_config, dtype: torch.dtype, device, parallel: ParallelContext) -> torch.device:
+        """The attributes every model sets from its config: this rank's layer count, KV heads and head size."""
+        device = torch.device(device)
+        self.config, self.dtype, self.device, self.parallel = hf_config, dtype, device, parallel
+        self.num_layers = hf_config.num_hidden_layers
+        num_kv = hf_config.num_key_value_heads or hf_config.num_attention_heads
+        self.num_kv_heads = parallel.shard_heads(hf_config.num_attention_heads, num_kv)[1][1]
+        self.head_dim = head_dim_of(hf_config)
+        return device
 
     @property
     def kv_cache_spec(self) -> KVCacheSpec:

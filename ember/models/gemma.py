@@ -48,12 +48,8 @@ class Gemma2ForCausalLM(CausalLM):
     def __init__(self, hf_config, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                  parallel: ParallelContext = SINGLE):
         super().__init__()
-        device = torch.device(device)
         cfg = hf_config
-        self.config, self.dtype, self.device, self.parallel = cfg, dtype, device, parallel
-        self.num_layers = cfg.num_hidden_layers
-        self.num_kv_heads = parallel.shard_heads(cfg.num_attention_heads, cfg.num_key_value_heads)[1][1]
-        self.head_dim = head_dim_of(cfg)
+        device = self._init_shape(cfg, dtype, device, parallel)
         self.final_logit_softcap = getattr(cfg, "final_logit_softcapping", None)
         backend = get_attention_backend(device)
         layers = [Gemma2DecoderLayer(cfg, i, backend, dtype=dtype, device=device, parallel=parallel)

@@ -17,11 +17,7 @@ from ember.layers.embedding import VocabEmbedding
 from ember.layers.linear import Linear
 from ember.layers.norm import HeadRMSNorm, RMSNorm
 from ember.layers.rotary import apply_rotary, get_rope
-from ember.models.base import CausalLM, layer_sliding_window
-
-
-def head_dim_of(hf_config) -> int:
-    return getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+from ember.models.base import CausalLM, head_dim_of, layer_sliding_window
 
 
 class Attention(nn.Module):
@@ -158,13 +154,8 @@ class LlamaForCausalLM(CausalLM):
     def __init__(self, hf_config, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                  parallel: ParallelContext = SINGLE):
         super().__init__()
-        device = torch.device(device)
         cfg = hf_config
-        self.config, self.dtype, self.device, self.parallel = cfg, dtype, device, parallel
-        self.num_layers = cfg.num_hidden_layers
-        self.num_kv_heads = parallel.shard_heads(cfg.num_attention_heads,
-                                                 cfg.num_key_value_heads or cfg.num_attention_heads)[1][1]
-        self.head_dim = head_dim_of(cfg)
+        device = self._init_shape(cfg, dtype, device, parallel)
         backend = get_attention_backend(device)
         layers = [
             LlamaDecoderLayer(cfg, i, backend, qkv_bias=self.qkv_bias, has_qk_norm=self.has_qk_norm,
