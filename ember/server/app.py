@@ -17,6 +17,8 @@ finish_reason "abort" after the deadline is reported the same way."""
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import threading
 import time
 from contextlib import asynccontextmanager
@@ -213,16 +215,31 @@ def run_server(cfg) -> None:
     server.run()
     reason = engine.dead_reason()
     if reason is not None:  # a dead engine (e.g. a tensor-parallel worker killed) ends the process, clearly
-        raise SystemExit(f"ember serve: the engine died, so the server exited: {reason}")
+        _exit_dead(reason)
+
+
+DEAD_EXIT_GRACE_S = 10.0  # a dead engine's server gets this long to close its connections before a hard exit
 
 
 def _exit_when_engine_dies(engine, server: EmberServer, poll_s: float = 0.5) -> None:
-    """/health already says 503 once the engine is dead; this also stops the server (an orchestrator restarts it)."""
+    """/health already says 503 once the engine is dead; this also stops the server (an orchestrator restarts it).
+    Nothing is left to drain (every waiting caller has heard EngineDeadError), so if the orderly stop has not
+    ended the process within DEAD_EXIT_GRACE_S (a lifespan hook or a collective stuck on the lost rank), it
+    exits hard."""
     while not server.should_exit:
         reason = engine.dead_reason()
         if reason is not None:
             logger.error("engine died (%s); shutting the server down", reason)
             server.should_exit = True
-            return
+            time.sleep(DEAD_EXIT_GRACE_S)
+            _exit_dead(reason)
         time.sleep(poll_s)
 
+
+def _exit_dead(reason: str) -> None:
+    """Exit status 1 at once. Not SystemExit: interpreter teardown can block on a process group whose peer is
+    gone (gloo/NCCL destructors) or on joining helper processes, and a dead engine must not linger."""
+    print(f"ember serve: the engine died, so the server exited: {reason}", file=sys.stderr, flush=True)
+    logging.shutdown()
+    sys.stdout.flush()
+    os._exit(1)
