@@ -24,6 +24,10 @@ from ember.lora.layer import LoRABatchMetadata, LoRALinear
 
 logger = logging.getLogger(__name__)
 
+# A step with at least this many tokens per adapter in it takes the segmented path (each adapter's tokens through
+# its own A and B only) rather than the masked one (every token through every active slot): see ember.lora.layer.
+SEGMENT_MIN_TOKENS_PER_SLOT = 64
+
 
 class LoRAManager:
     """Serves adapters from `max_loras` device slots. `batch` is this step's LoRABatchMetadata (None: no LoRA)."""
@@ -134,8 +138,33 @@ class LoRAManager:
         slot_ids = torch.repeat_interleave(torch.tensor(slots, dtype=torch.int64), counts)  # [T]
         num_active = max(slot_of.values()) + 1
         single = num_active == 1 and -1 not in slots
-        self.batch = LoRABatchMetadata(slot_ids.to(self.device, non_blocking=True), num_active, single, self.dtype)
+        segments = None
+        if len(slot_ids) >= SEGMENT_MIN_TOKENS_PER_SLOT * len(names):
+            segments = self._segments(slots, [c for _, c in items])
+        self.batch = LoRABatchMetadata(slot_ids.to(self.device, non_blocking=True), num_active, single, self.dtype,
+                                       segments)
         return self.batch
+
+    def _segments(self, slots: list[int], counts: list[int]) -> list[tuple[int, slice | torch.Tensor]]:
+        """Each adapter slot's token rows: a slice when its requests sit together in the batch, else indices."""
+        runs: dict[int, list[tuple[int, int]]] = {}
+        start = 0
+        for slot, count in zip(slots, counts):
+            if slot >= 0 and count:
+                spans = runs.setdefault(slot, [])
+                if spans and spans[-1][1] == start:
+                    spans[-1] = (spans[-1][0], start + count)
+                else:
+                    spans.append((start, start + count))
+            start += count
+        out = []
+        for slot, spans in sorted(runs.items()):
+            if len(spans) == 1:
+                out.append((slot, slice(*spans[0])))
+            else:
+                idx = torch.cat([torch.arange(a, b, dtype=torch.int64) for a, b in spans])
+                out.append((slot, idx.to(self.device, non_blocking=True)))
+        return out
 
     def _pick_slot(self, needed: list[str]) -> int:
         """An empty slot (lowest first, so a step's slots stay packed low), else the least recently used one

@@ -69,11 +69,16 @@ def test_mixed_batch_logits_match_peft_merged(lora_models, kind):
             assert (ref - plain).abs().max() > 1e-2
 
 
-@pytest.mark.parametrize("kind,max_loras", [("llama", 4), ("qwen2", 2)])
-def test_engine_greedy_tokens_match_peft_merged(lora_models, kind, max_loras):
+@pytest.mark.parametrize("kind,max_loras,segmented", [("llama", 4, False), ("qwen2", 2, False), ("qwen2", 4, True)])
+def test_engine_greedy_tokens_match_peft_merged(lora_models, kind, max_loras, segmented, monkeypatch):
     """Three adapters and the base model in one batch; with max_loras=2 the scheduler holds the third adapter's
-    request back until a slot frees, and the manager evicts the least recently used adapter."""
+    request back until a slot frees, and the manager evicts the least recently used adapter. `segmented`: every
+    step takes the per-adapter segmented path that prefill-sized steps take (these prompts are short)."""
     from ember import LLM, SamplingParams
+    from ember.lora import manager as lora_manager
+
+    if segmented:
+        monkeypatch.setattr(lora_manager, "SEGMENT_MIN_TOKENS_PER_SLOT", 1)
 
     base, adapters = lora_models[kind]
     llm = LLM(lora_config(base, adapters, max_loras=max_loras))
@@ -81,11 +86,22 @@ def test_engine_greedy_tokens_match_peft_merged(lora_models, kind, max_loras):
     names = MIX * 2
     outs = llm.generate(prompts, SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True), lora_name=names)
     refs = {name: merged_reference(base, adapters[name] if name else None) for name in set(MIX)}
-    for p, name, out in zip(prompts, names, outs):
+
+    def greedy(model, p):
         with torch.no_grad():
-            ref = refs[name].generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.int64),
-                                      max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0)
-        assert out.token_ids == ref[0, len(p):].tolist(), f"adapter {name}"
+            ref = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.int64),
+                                 max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0)
+        return ref[0, len(p):].tolist()
+
+    changed = set()
+    for p, name, out in zip(prompts, names, outs):
+        ref = greedy(refs[name], p)
+        assert out.token_ids == ref, f"adapter {name}"
+        if name is not None and ref != greedy(refs[None], p):
+            changed.add(name)
+    # the check can fail: with qwen2 every adapter changes its prompt's greedy tokens (llama's tied, peaky head
+    # leaves two of them unchanged; the logits test above covers those)
+    assert changed == (set(MIX) - {None} if kind == "qwen2" else {"all-r4"})
     manager = llm.engine.runner.lora_manager
     assert len(manager.slot_names) == max_loras
     assert manager.num_slot_loads >= 3  # with 2 slots, 3 adapters mean at least one eviction
