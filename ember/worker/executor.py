@@ -139,6 +139,10 @@ class Executor:
                 mirror.send("ping")
             except Exception as exc:  # noqa: BLE001 - a broken group means a rank is gone
                 self._failure = f"a tensor-parallel worker rank stopped answering ({type(exc).__name__}: {exc})"
+                for p in self.processes:  # a killed rank's socket can close just before its exit code shows:
+                    p.join(1.0)  # give it a moment, so the reason names the rank and its exit code
+                    if p.exitcode is not None:
+                        break
         reason = self.dead_reason()
         if reason is not None:
             raise EngineDeadError(f"{reason}; the engine cannot run without all its ranks")
