@@ -182,25 +182,28 @@ def _nesting_depth(obj: Any) -> int:
 
 
 def _check_regex(regex: Any, max_bytes: int) -> str:
+    import xgrammar as xgr
+
     if not isinstance(regex, str) or not regex:
         raise InvalidRequestError("regex must be a non-empty string.", param="regex")
-    if len(regex.encode()) > max_bytes:
-        raise InvalidRequestError(f"regex is {len(regex.encode())} bytes, above the limit of {max_bytes}.",
-                                  param="regex")
-    import xgrammar as xgr
-    _trial(lambda: xgr.Grammar.from_regex(regex), "regex", "regex")
-    return regex
+    return _check_source(regex, max_bytes, "regex", xgr.Grammar.from_regex)
 
 
 def _check_grammar(grammar: Any, max_bytes: int) -> str:
+    import xgrammar as xgr
+
     if not isinstance(grammar, str) or not grammar.strip():
         raise InvalidRequestError("grammar must be a non-empty EBNF string with a 'root' rule.", param="grammar")
-    if len(grammar.encode()) > max_bytes:
-        raise InvalidRequestError(f"grammar is {len(grammar.encode())} bytes, above the limit of {max_bytes}.",
-                                  param="grammar")
-    import xgrammar as xgr
-    _trial(lambda: xgr.Grammar.from_ebnf(grammar), "grammar", "grammar")
-    return grammar
+    return _check_source(grammar, max_bytes, "grammar", xgr.Grammar.from_ebnf)
+
+
+def _check_source(source: str, max_bytes: int, param: str, compile_source) -> str:
+    """A regex or EBNF text of at most max_bytes that xgrammar compiles (else a 400 naming `param`)."""
+    size = len(source.encode())
+    if size > max_bytes:
+        raise InvalidRequestError(f"{param} is {size} bytes, above the limit of {max_bytes}.", param=param)
+    _trial(lambda: compile_source(source), param, param)
+    return source
 
 
 def _check_choice(choice: Any, max_bytes: int) -> tuple[str, ...]:

@@ -130,11 +130,9 @@ class Executor:
 
     def check_health(self) -> None:
         """Raise EngineDeadError if a rank is gone. Called by the engine thread (it may ping idle workers)."""
-        reason = self.dead_reason()  # a spawned rank that exited is known without touching the (broken) group
-        if reason is not None:
-            raise EngineDeadError(f"{reason}; the engine cannot run without all its ranks")
         mirror = self.runner.mirror
-        if mirror is not None and time.monotonic() - mirror.last_sent > PING_INTERVAL_S:
+        # a spawned rank that exited is known from its exit code: never touch the (broken) group then
+        if mirror is not None and self.is_alive() and time.monotonic() - mirror.last_sent > PING_INTERVAL_S:
             try:
                 mirror.send("ping")
             except Exception as exc:  # noqa: BLE001 - a broken group means a rank is gone
