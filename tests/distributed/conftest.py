@@ -7,7 +7,9 @@ import os
 from pathlib import Path
 
 import pytest
-from tp_models import _COMMON, ARCHS, QUANT, default_gguf
+from tp_models import _COMMON, ARCHS, QUANT
+
+from ember.checkpoint.default import default_model_path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -19,7 +21,7 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
     from transformers import AutoTokenizer
 
     root = tmp_path_factory.mktemp("tp_ckpt")
-    gguf = default_gguf()
+    gguf = default_model_path()
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     out = {}
     variants = {arch: (arch, *spec) for arch, spec in ARCHS.items()} | {"quant": QUANT}

@@ -15,7 +15,9 @@ import pytest
 
 from ember import LLM, SamplingParams
 
-from tp_models import ARCHS, default_gguf
+from ember.checkpoint.default import default_model_path
+
+from tp_models import ARCHS
 
 PROMPTS = [[5, 9, 17, 33, 8, 120], [100, 3, 4], [7] * 11]
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
@@ -54,8 +56,8 @@ def test_tp2_quantized_engine(tiny_checkpoints, tmp_path, qtype):
 def test_tp2_default_model():
     prompts = ["def fib(n):", "The capital of France is"]
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
-    assert greedy_tokens(default_gguf(), 2, prompts, params, dtype="float32") == \
-        greedy_tokens(default_gguf(), 1, prompts, params, dtype="float32")
+    assert greedy_tokens(default_model_path(), 2, prompts, params, dtype="float32") == \
+        greedy_tokens(default_model_path(), 1, prompts, params, dtype="float32")
 
 
 def _serve(path, tp: int, port: int) -> subprocess.Popen:

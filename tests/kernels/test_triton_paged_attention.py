@@ -29,24 +29,7 @@ from ember.layers.triton.backend import TritonAttentionBackend  # noqa: E402
 from ember.layers.triton.paged_attention import IS_INTERPRETED  # noqa: E402
 from ember.worker.kv_cache import allocate_kv_caches  # noqa: E402
 
-
-def _reference(q, k, v, scale, window, softcap, mask=None):
-    """q [L, Hq, D] at the last L positions of k/v [S, Hk, D] -> [L, Hq, D] in float64."""
-    hq, hk = q.shape[1], k.shape[1]
-    L, S = q.shape[0], k.shape[0]
-    k = k.double().repeat_interleave(hq // hk, dim=1)
-    v = v.double().repeat_interleave(hq // hk, dim=1)
-    scores = torch.einsum("lhd,shd->hls", q.double(), k) * scale
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
-    if mask is None:
-        qpos = torch.arange(S - L, S).unsqueeze(1)
-        kpos = torch.arange(S)
-        mask = kpos <= qpos
-        if window is not None:
-            mask &= kpos > qpos - window
-    scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.einsum("hls,shd->lhd", scores.softmax(-1), v)
+from attention_reference import reference_attention  # noqa: E402
 
 
 def _case(query_lens, seq_lens, *, hq, hk, d, bs=16, dtype=torch.float32, window=None, softcap=None,
@@ -90,7 +73,7 @@ def _case(query_lens, seq_lens, *, hq, hk, d, bs=16, dtype=torch.float32, window
         q, k_new, v_new, kv_cache, md, scale=scale, sliding_window=window, logit_softcap=softcap, kv_scale=kv_scale)
     assert out.dtype == dtype and out.shape == q.shape
     ref = torch.cat([
-        _reference(qi, ki, vi, scale, window, softcap, masks[i] if custom else None)
+        reference_attention(qi, ki, vi, scale, window, softcap, masks[i] if custom else None)
         for i, (qi, ki, vi) in enumerate(zip(qs, full_k, full_v))
     ])
     tol = 1e-4 if dtype == torch.float32 else 2e-2

@@ -11,24 +11,9 @@ import torch
 from ember.layers.attention import TorchAttentionBackend, build_attention_metadata
 from ember.worker.kv_cache import allocate_kv_caches, kv_cache_bytes_per_block
 
+from attention_reference import reference_attention
+
 HQ, HK, D, BS = 4, 2, 16, 4
-
-
-def _reference(q, k, v, scale, window, softcap):
-    """q [L, Hq, D] at the last L positions of k/v [S, Hk, D] -> [L, Hq, D]."""
-    L, S = q.shape[0], k.shape[0]
-    k = k.repeat_interleave(HQ // HK, dim=1)
-    v = v.repeat_interleave(HQ // HK, dim=1)
-    scores = torch.einsum("lhd,shd->hls", q.double(), k.double()) * scale
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
-    qpos = torch.arange(S - L, S).unsqueeze(1)
-    kpos = torch.arange(S)
-    mask = kpos <= qpos
-    if window is not None:
-        mask &= kpos > qpos - window
-    scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.einsum("hls,shd->lhd", scores.softmax(-1), v.double()).float()
 
 
 def _run(query_lens, seq_lens, window=None, softcap=None, seed=0, custom=False):
@@ -59,7 +44,7 @@ def _run(query_lens, seq_lens, window=None, softcap=None, seed=0, custom=False):
     scale = 1 / math.sqrt(D)
     out = TorchAttentionBackend().forward(q, k_new, v_new, kv_cache, md, scale=scale,
                                           sliding_window=window, logit_softcap=softcap)
-    ref = torch.cat([_reference(qi, ki, vi, scale, window, softcap) for qi, ki, vi in zip(qs, full_k, full_v)])
+    ref = torch.cat([reference_attention(qi, ki, vi, scale, window, softcap).float() for qi, ki, vi in zip(qs, full_k, full_v)])
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     # The new K/V landed at their slots.
     flat = kv_cache.view(2, -1, HK, D)

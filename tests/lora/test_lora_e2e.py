@@ -4,8 +4,6 @@ listed by /v1/models, unknown names a 404 in OpenAI's shape, run-time load/unloa
 from __future__ import annotations
 
 import shutil
-import socket
-import threading
 
 import httpx
 import openai
@@ -14,7 +12,8 @@ import torch
 
 from ember.config import load_config
 from ember.engine.async_engine import AsyncLLM
-from ember.server.app import build_server, create_app
+from ember.server.app import create_app
+from live_server import LiveServer, running
 
 from .conftest import lora_config, merged_reference
 
@@ -28,17 +27,8 @@ def server(lora_models, tmp_path_factory):
     shutil.copytree(adapters["qv-r8"], runtime_root / "late")
     cfg = load_config(lora_config(base, adapters, api_key=API_KEY, lora_runtime_dir=str(runtime_root)))
     engine = AsyncLLM(cfg)
-    app = create_app(engine, cfg)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(64)
-    port = sock.getsockname()[1]
-    srv = build_server(app, "127.0.0.1", port, log_level="warning")
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{port}", engine, base, adapters
-    srv.should_exit = True
-    thread.join(timeout=30)
+    with running(LiveServer(create_app(engine, cfg), stop_timeout_s=30.0)) as live:
+        yield live.url, engine, base, adapters
 
 
 def _client(url):

