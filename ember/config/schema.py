@@ -182,7 +182,7 @@ class SpeculatorConfig(_Section):
             self.lookahead_windows_size, self.lookahead_ngram_size, self.lookahead_verification_set_size)
 
 
-BaseModelKind = Literal["decoder"]
+BaseModelKind = Literal["decoder", "encoder", "encoder_bert"]  # encoder*: embedding/rerank/classify models
 _LORA_NAME = re.compile(r"^[a-zA-Z0-9_\-.:]+$")
 
 
@@ -225,11 +225,19 @@ class BuildConfig(_Section):
     @field_validator("base_model", mode="before")
     @classmethod
     def _base_model(cls, v):
-        encoder = "ember serves decoder (CausalLM) models only; embedding and reranking encoders are planned"
-        return _choice(v, ("decoder",),
+        return _choice(v, ("decoder", "encoder", "encoder_bert"),
                        aliases={k: "decoder" for k in ("llama", "mistral", "qwen", "deepseek", "palmyra")},
-                       rejected={"encoder": encoder, "encoder_bert": encoder,
-                                 "whisper": "speech models are not supported; ember serves decoder (CausalLM) models"})
+                       rejected={"whisper": "speech models are not supported; ember serves decoder (CausalLM) and encoder models"})
+
+    @model_validator(mode="after")
+    def _encoder_features(self):
+        if self.base_model == "decoder":
+            return self
+        for name in ("speculator", "lora_adapters"):
+            if getattr(self, name):
+                raise ValueError(f"{name} is for generation; base_model {self.base_model} serves embeddings, "
+                                 "reranking and classification")
+        return self
 
     @field_validator("quantization_type", mode="before")
     @classmethod
@@ -344,6 +352,9 @@ class EmberSection(_Section):
     max_loras: Annotated[int, Field(strict=True, ge=1, le=256)] = 4  # LoRA adapters in device slots, and per batch
     lora_runtime_dir: Optional[str] = None  # set: /v1/load_lora_adapter may load adapters from inside this directory
     limits: LimitsConfig = LimitsConfig()
+    # Encoders (base_model encoder | encoder_bert) when the checkpoint has no sentence-transformers files:
+    pooling: Optional[Literal["cls", "mean", "last", "max"]] = None  # None: modules.json, else cls (BERT) / last (causal)
+    normalize: Optional[Bool] = None  # L2-normalize embeddings; None: modules.json's Normalize, else true
 
     @field_validator("dtype", mode="before")
     @classmethod

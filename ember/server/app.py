@@ -39,6 +39,7 @@ from ember.server.protocol import DetokenizeRequest, DetokenizeResponse, ModelCa
 from ember.server.serving import ServerState, dump, encode, parse_body
 from ember.server.serving_chat import create_chat_completion
 from ember.server.serving_completion import create_completion
+from ember.server.serving_encoder import add_encoder_routes
 from ember.server.streaming import ClientDisconnected
 
 logger = logging.getLogger("ember.server")
@@ -70,6 +71,7 @@ def create_app(engine, cfg=None) -> FastAPI:
     install_error_handlers(app)
     _add_routes(app, state)
     add_lora_routes(app, state, cfg, _guard)  # run-time adapter loading, only when ember.lora_runtime_dir is set
+    add_encoder_routes(app, state, _guard, getattr(getattr(getattr(cfg, "trt_llm", None), "runtime", None), "webserver_default_route", None))
     # added innermost first: CatchAll -> ApiKey -> Draining -> BodyLimit -> routes
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(DrainingMiddleware, is_draining=lambda: state.is_draining)
@@ -206,9 +208,16 @@ def build_server(app: FastAPI, host: str | None = None, port: int | None = None,
 
 def run_server(cfg) -> None:
     """Serve `cfg` until SIGTERM/SIGINT: the real engine, cfg.ember.host and cfg.ember.port."""
-    from ember.engine.async_engine import AsyncLLM
+    from ember.encoder import is_encoder_config
 
-    engine = AsyncLLM(cfg)
+    if is_encoder_config(cfg):  # embeddings / rerank / classify: batched whole-sequence forwards, no KV cache
+        from ember.encoder.engine import EncoderEngine
+
+        engine = EncoderEngine(cfg)
+    else:
+        from ember.engine.async_engine import AsyncLLM
+
+        engine = AsyncLLM(cfg)
     app = create_app(engine, cfg)
     server = build_server(app)
     threading.Thread(target=_exit_when_engine_dies, args=(engine, server), name="ember-watchdog", daemon=True).start()
