@@ -93,6 +93,6 @@ def xlmr_classifier_dir(tmp_path_factory) -> Path:
 def encoder_config(path: Path, base_model: str = "encoder_bert", **ember):
     from ember.config import load_config
 
-    return load_config({"trt_llm": {"build": {"base_model": base_model, "max_num_tokens": 256,
+    return load_config({"model_name": "enc", "trt_llm": {"build": {"base_model": base_model, "max_num_tokens": 256,
                                               "checkpoint_repository": {"source": "LOCAL", "repo": str(path)}}},
                         "ember": {"dtype": "float32", "device": "cpu", **ember}})
