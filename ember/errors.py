@@ -62,3 +62,7 @@ class EngineDeadError(EmberError):
 
 class ConfigError(ValueError):
     """An invalid config; the message names the field, the value and what is allowed."""
+
+
+class WorkerStartError(RuntimeError):
+    """A tensor-parallel worker rank could not start (the message names the rank and its last error lines)."""

@@ -332,6 +332,14 @@ class LimitsConfig(_Section):
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
+class FaultInjection(_Section):
+    """For tests of start-up failures: one tensor-parallel worker rank loads another checkpoint (e.g. a missing
+    path or a broken file), so it fails the way a rank with a bad shard would while the others start."""
+
+    rank: PosInt  # the worker rank (1 .. tensor_parallel_count - 1)
+    checkpoint_repository: CheckpointRepository  # what that rank loads instead of trt_llm.build's
+
+
 class EmberSection(_Section):
     """ember's own settings, under the top-level `ember:` key."""
 
@@ -351,6 +359,10 @@ class EmberSection(_Section):
     drain_timeout_s: Annotated[float, Field(strict=True, ge=0)] = 30.0  # on SIGTERM, wait this long for running requests
     max_loras: Annotated[int, Field(strict=True, ge=1, le=256)] = 4  # LoRA adapters in device slots, and per batch
     lora_runtime_dir: Optional[str] = None  # set: /v1/load_lora_adapter may load adapters from inside this directory
+    # batch- and prefix-cache-invariant outputs in every dtype: fixed reduction orders in attention (same key
+    # chunks for every token) at some speed cost; off: bit-identical only when the batch shapes repeat
+    deterministic: Bool = False
+    fault_injection: Optional[FaultInjection] = None  # tests only: see FaultInjection
     limits: LimitsConfig = LimitsConfig()
     # Encoders (base_model encoder | encoder_bert) when the checkpoint has no sentence-transformers files:
     pooling: Optional[Literal["cls", "mean", "last", "max"]] = None  # None: modules.json, else cls (BERT) / last (causal)

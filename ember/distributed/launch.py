@@ -1,7 +1,8 @@
 """Starting the tensor-parallel ranks on torch.distributed.
 
-Two ways in. On one machine `ember` spawns the worker ranks itself (torch.multiprocessing, spawn) and
-rendezvouses over loopback TCP. Across machines a launcher starts every rank (torchrun, or anything that sets
+Two ways in. On one machine `ember` starts the worker ranks itself as programs of their own
+(`python -m ember.distributed.worker`, see ember.distributed.spawn) and rendezvouses through a TCP store on
+loopback that rank 0 hosts. Across machines a launcher starts every rank (torchrun, or anything that sets
 RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT): `cli.py` reads those variables into a `RankEnv`
 (the only place they are read) and every rank runs `ember serve`; ranks > 0 become workers.
 
@@ -69,26 +70,37 @@ def check_world_size(world_size: int, device: torch.device, *, local_world_size:
                              f"but {have} are visible")
 
 
-def init_ranks(rank: int, world_size: int, init_method: str, device: torch.device) -> tuple[ParallelContext, object]:
-    """Join the process groups (blocks until every rank has joined) -> (this rank's context, control group)."""
+def parallel_context(rank: int, world_size: int, device: torch.device) -> ParallelContext:
+    """This rank's context on the default group (usable to build and load the model before the group exists)."""
+    return ParallelContext(rank=rank, world_size=world_size, group=None, reduce_in_fp32=device.type != "cuda")
+
+
+def bind_device(device: torch.device) -> None:
+    """Make a rank's GPU the current one before anything is allocated on it."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+
+def init_ranks(rank: int, world_size: int, init_method: str | None, device: torch.device,
+               store=None) -> tuple[ParallelContext, object]:
+    """Join the process groups (blocks until every rank has joined) -> (this rank's context, control group).
+    The rendezvous is `init_method` (a URL, or the launcher's env://) or an already connected `store`."""
     import torch.distributed as dist
 
-    backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
-        init_default_group(rank, world_size, init_method, device)
+        init_default_group(rank, world_size, init_method, device, store=store)
     control = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=CONTROL_TIMEOUT_S))
-    ctx = ParallelContext(rank=rank, world_size=world_size, group=None, reduce_in_fp32=backend == "gloo")
-    return ctx, control
+    return parallel_context(rank, world_size, device), control
 
 
-def init_default_group(rank: int, world_size: int, init_method: str, device: torch.device) -> None:
+def init_default_group(rank: int, world_size: int, init_method: str | None, device: torch.device,
+                       store=None) -> None:
     """The tensor group: NCCL between GPUs, gloo between CPU processes."""
     import torch.distributed as dist
 
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=init_method, rank=rank,
-                            world_size=world_size, timeout=datetime.timedelta(seconds=TENSOR_TIMEOUT_S))
+    bind_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=init_method, store=store,
+                            rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=TENSOR_TIMEOUT_S))
 
 
 def join_launch(cfg, env: RankEnv) -> bool:

@@ -4,7 +4,7 @@ runs the scheduler and sampler; before each forward its runner's `StepMirror` br
 data (`ForwardMetadata`: token ids, positions, lengths, block tables) and every rank runs the same forward
 on its shard; the vocabulary-parallel logits are gathered to rank 0, which samples.
 
-Health: a worker that exits (spawned ranks are watched by pid) or stops answering (torchrun ranks, found by
+Health: a worker that exits (ranks started here are watched by pid) or stops answering (torchrun ranks, found by
 a broken collective or a periodic ping) makes `check_health` raise EngineDeadError, which stops the engine
 loop; the server then answers /health with 503 and exits.
 """
@@ -12,15 +12,16 @@ loop; the server then answers /health with 503 and exits.
 from __future__ import annotations
 
 import logging
-import os
 import pickle
 import time
 
 import torch
 
-from ember.distributed.launch import check_world_size, close_ranks, free_port, init_ranks, rank_device
+from ember.distributed.launch import (TENSOR_TIMEOUT_S, bind_device, check_world_size, close_ranks, init_ranks,
+                                     parallel_context, rank_device)
 from ember.distributed.parallel import SINGLE, ParallelContext
-from ember.distributed.worker import run_worker, set_rank_threads
+from ember.distributed.spawn import host_store, start_workers, stop_workers, wait_for_workers
+from ember.distributed.worker import set_rank_threads
 from ember.errors import EngineDeadError
 from ember.worker.model_runner import ForwardMetadata, ModelRunner
 
@@ -61,15 +62,16 @@ class Executor:
     def __init__(self, runner: ModelRunner, processes: list | None = None, is_launched: bool = False):
         self.runner = runner
         self.parallel: ParallelContext = runner.parallel
-        self.processes = processes or []  # spawned worker ranks 1..N-1 (empty under torchrun)
+        self.processes = processes or []  # ember.distributed.spawn.WorkerProcess of ranks 1..N-1 (none under torchrun)
         self.is_launched = is_launched  # ranks started by an external launcher (torchrun)
         self._failure: str | None = None
         self._is_closed = False
 
     @classmethod
     def start(cls, cfg, checkpoint, dtype: torch.dtype, device: torch.device) -> "Executor":
-        """Build rank 0's runner; with tensor_parallel_count > 1 spawn the worker ranks (or join the ones a
-        launcher started, when the process group is already initialized) and shard the model over them."""
+        """Build rank 0's runner; with tensor_parallel_count > 1 start the worker ranks as programs of their own
+        (or join the ones a launcher started, when the process group is already initialized) and shard the
+        model over them. A worker that fails to start fails this with its rank and last error lines."""
         build = cfg.trt_llm.build
         tp = build.tensor_parallel_count
         if tp == 1:
@@ -79,7 +81,6 @@ class Executor:
         if build.lora_adapters:
             raise ValueError("trt_llm.build.lora_adapters cannot be combined with tensor_parallel_count > 1 yet; "
                              "use tensor_parallel_count: 1")
-        processes, init_method = [], None
         is_launched = dist.is_initialized()
         if is_launched:
             if dist.get_world_size() != tp or dist.get_rank() != 0:
@@ -87,24 +88,24 @@ class Executor:
                                  f"{dist.get_world_size()} ranks; they must match")
         else:
             check_world_size(tp, device)
-            init_method = f"tcp://127.0.0.1:{free_port()}"
-            ctx = torch.multiprocessing.get_context("spawn")
-            for rank in range(1, tp):
-                p = ctx.Process(target=run_worker, args=(cfg, rank, tp, init_method, rank, os.getpid()),
-                                name=f"ember-tp-rank{rank}", daemon=True)
-                p.start()
-                processes.append(p)
+        device = rank_device(device, 0)
+        set_rank_threads(cfg, tp, device)
+        store, processes = None, []
         try:
-            device = rank_device(device, 0)
-            set_rank_threads(cfg, tp, device)
-            parallel, control = init_ranks(0, tp, init_method, device)
-            runner = ModelRunner(checkpoint, dtype, device, cfg.ember.block_size, parallel)
+            if not is_launched:  # our own ranks: they load their shards while this one loads its own
+                store = host_store(tp, TENSOR_TIMEOUT_S)
+                processes = start_workers(cfg, tp, "127.0.0.1", store.port)
+            bind_device(device)
+            runner = ModelRunner(checkpoint, dtype, device, cfg.ember.block_size, parallel_context(0, tp, device))
+            if not is_launched:
+                wait_for_workers(store, processes)
+            parallel, control = init_ranks(0, tp, None, device, store=store)
         except BaseException:
-            _stop_processes(processes, graceful=False)
+            stop_workers(processes, graceful=False)
             close_ranks()
             raise
         runner.mirror = StepMirror(control)
-        logger.info("tensor parallel: %d ranks (%s), %s", tp, "launched" if is_launched else "spawned",
+        logger.info("tensor parallel: %d ranks (%s), %s", tp, "launched" if is_launched else "started here",
                     "gloo, all-reduce in float32" if parallel.reduce_in_fp32 else "nccl")
         return cls(runner, processes, is_launched)
 
@@ -156,15 +157,7 @@ class Executor:
             except Exception:  # noqa: BLE001
                 healthy = False
         self._is_closed = True
-        _stop_processes(self.processes, graceful=healthy)
+        stop_workers(self.processes, graceful=healthy)
         if healthy:
             close_ranks()  # with a rank gone the group cannot be torn down cleanly; the process exits anyway
 
-
-def _stop_processes(processes: list, graceful: bool) -> None:
-    for p in processes:
-        if graceful:
-            p.join(10)
-        if p.is_alive():
-            p.kill()
-            p.join(5)

@@ -82,10 +82,9 @@ def _wait_ready(proc, url: str, timeout: float = 120.0) -> None:
 
 
 def _worker_pids(pid: int) -> list[int]:
-    """The server's spawned worker ranks (not multiprocessing's resource tracker)."""
+    """The server's worker ranks (`python -m ember.distributed.worker ...` children)."""
     out = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(pid)], capture_output=True, text=True).stdout
-    return [int(line.split()[0]) for line in out.splitlines()
-            if "multiprocessing.spawn" in line and "resource_tracker" not in line]
+    return [int(line.split()[0]) for line in out.splitlines() if "ember.distributed.worker" in line]
 
 
 def test_server_tp2_matches_and_dies_with_a_worker(tiny_checkpoints):
