@@ -40,6 +40,7 @@ from ember.server.serving import ServerState, dump, encode, parse_body
 from ember.server.serving_chat import create_chat_completion
 from ember.server.serving_completion import create_completion
 from ember.server.serving_encoder import add_encoder_routes
+from ember.server.serving_responses import add_responses_routes
 from ember.server.streaming import ClientDisconnected
 
 logger = logging.getLogger("ember.server")
@@ -71,6 +72,7 @@ def create_app(engine, cfg=None) -> FastAPI:
     install_error_handlers(app)
     _add_routes(app, state)
     add_lora_routes(app, state, cfg, _guard)  # run-time adapter loading, only when ember.lora_runtime_dir is set
+    add_responses_routes(app, state, _guard)  # OpenAI's Responses API over the chat path
     add_encoder_routes(app, state, _guard, getattr(getattr(getattr(cfg, "trt_llm", None), "runtime", None), "webserver_default_route", None))
     # added innermost first: CatchAll -> ApiKey -> Draining -> BodyLimit -> routes
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
