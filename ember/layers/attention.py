@@ -4,9 +4,9 @@ The KV cache of one layer is `[2, num_blocks, block_size, num_kv_heads, head_dim
 the backend writes the new tokens' K/V at `slot_mapping`, then attends every sequence's new queries
 (positions `seq_len - query_len .. seq_len - 1`) to all of that sequence's cached K/V, causally.
 
-`TorchAttentionBackend` is plain torch and runs on any device: decode tokens of the whole batch go
-through one batched gather + SDPA (no Python loop over sequences); prefill chunks are attended one
-sequence at a time. A GPU kernel backend slots in beside it behind `AttentionBackend.forward`.
+`TorchAttentionBackend` is plain torch and runs on any device: decodes and speculative verification
+(a few new tokens per sequence, trees under a per-request mask) of the whole batch go through one
+batched call (no Python loop over sequences); prefill chunks are attended one sequence at a time. A GPU kernel backend slots in beside it behind `AttentionBackend.forward`.
 """
 
 from __future__ import annotations
@@ -15,6 +15,11 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from ember.layers.batched_attention import attend_batch, dequant_kv, gather_kv, is_head_major, plan_batch
+
+__all__ = ["AttentionBackend", "AttentionMetadata", "TorchAttentionBackend", "build_attention_metadata",
+           "gather_kv", "get_attention_backend", "is_head_major"]
 
 
 @dataclass
@@ -30,9 +35,11 @@ class AttentionMetadata:
     max_query_len: int  # max(query_lens_list)
     max_seq_len: int  # max(seq_lens_list)
     is_all_decode: bool  # every sequence has exactly one new token
-    # Seam for tree/lookahead verification: [T, max_seq_len] bool, True where token t may attend KV
-    # position j of its own sequence. When set it replaces the causal (and sliding-window) mask.
-    custom_mask: torch.Tensor | None = None
+    # Tree/speculative verification: [T, M] bool. For a sequence with query_len <= M, row t column j says
+    # whether its new token t may attend its new token j (its cached context, the KV positions before its
+    # new tokens, is always visible); a sequence with query_len > M is causal and its rows are ignored.
+    # None: every sequence is causal.
+    tree_mask: torch.Tensor | None = None
     # Per-step values the backend derives once and reuses in every layer (masks, index tensors).
     derived: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -100,31 +107,6 @@ class AttentionBackend:
         raise NotImplementedError
 
 
-def _dequant(kv: torch.Tensor, kv_scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """Gathered cache values [2, ...] in the cache dtype -> true K/V in `dtype`."""
-    if kv_scale is None:
-        return kv
-    return kv.to(dtype) * kv_scale.to(dtype).view(2, *([1] * (kv.dim() - 1)))
-
-
-def is_head_major(kv_cache: torch.Tensor) -> bool:
-    """True when the cache's memory is laid out head-major, `[2, Hk, num_blocks, block_size, D]` (the CPU
-    layout: a gather through block tables is then one contiguous copy per block and head)."""
-    return kv_cache.stride(3) > kv_cache.stride(1)
-
-
-def gather_kv(kv_cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
-    """K/V of the blocks in `block_tables` [B, nblk] -> [2, Hk, B, nblk * block_size, D], ready for
-    batched matmuls over (Hk, B) without a transposing copy when the cache is head-major."""
-    num_seqs, nblk = block_tables.shape
-    if is_head_major(kv_cache):
-        phys = kv_cache.permute(0, 3, 1, 2, 4)  # [2, Hk, num_blocks, block_size, D], contiguous
-        _, hk, num_blocks, bs, d = phys.shape
-        rows = phys.reshape(2, hk, num_blocks, bs * d).index_select(2, block_tables.reshape(-1).long())
-        return rows.view(2, hk, num_seqs, nblk * bs, d)
-    return kv_cache[:, block_tables].flatten(2, 3).permute(0, 3, 1, 2, 4)  # [2, Hk, B, S, D], strided
-
-
 def _attend(q, k, v, mask, scale, softcap, is_causal=False):
     """Dense attention with GQA. q [N, Hq, L, D], k/v [N, Hk, S, D], mask bool broadcastable to [N, *, L, S]."""
     if softcap is None:
@@ -150,7 +132,11 @@ def _attend(q, k, v, mask, scale, softcap, is_causal=False):
 
 
 class TorchAttentionBackend(AttentionBackend):
-    """Plain-torch paged attention for CPU (and any device)."""
+    """Plain-torch paged attention for CPU (and any device).
+
+    Sequences with few new tokens (decodes, and speculative chains and trees under `tree_mask`) go through
+    one batched call (ember.layers.batched_attention); longer prefill chunks are attended one at a time.
+    """
 
     def forward(self, q, k, v, kv_cache, metadata, *, scale, sliding_window=None, logit_softcap=None, kv_scale=None):
         num_blocks, block_size = kv_cache.shape[1], kv_cache.shape[2]
@@ -165,98 +151,59 @@ class TorchAttentionBackend(AttentionBackend):
             for i, x in enumerate((k, v)):
                 xq = (x.float() / kv_scale[i]).clamp(-fmax, fmax).to(kv_cache.dtype)
                 raw[i].index_copy_(0, metadata.slot_mapping, xq.view(torch.uint8))
-        if metadata.is_all_decode and metadata.custom_mask is None:
-            return self._decode(q, kv_cache, metadata, metadata.block_tables, metadata.seq_lens,
-                                metadata.max_seq_len, "all", scale, sliding_window, logit_softcap, kv_scale)
-        return self._mixed(q, k, v, kv_cache, metadata, scale, sliding_window, logit_softcap, kv_scale)
-
-    def _decode(self, q, kv_cache, md, block_tables, seq_lens, max_len, key, scale, window, softcap, kv_scale=None):
-        """One new token per sequence, all sequences at once. q [B, Hq, D] -> [B, Hq, D].
-
-        Grouped matmuls rather than SDPA: CPU SDPA's flash kernel is slow for single-token queries, and
-        grouping the Hq/Hk query heads of a KV head needs no K/V expand. Six tensor ops in all.
-        """
-        block_size = kv_cache.shape[2]
-        cache_key = ("decode", key, window, q.dtype)
-        entry = md.derived.get(cache_key)
-        if entry is None:  # once per step, shared by every layer
-            nblk = -(-max_len // block_size)
-            bt = block_tables[:, :nblk]  # [B, nblk]
-            if window is None and key == "all" and all(n == max_len for n in md.seq_lens_list):
-                bias = None  # equal lengths (batch 1 included): slicing off the block padding is the whole mask
-            else:
-                kv_pos = torch.arange(nblk * block_size, device=q.device)  # [S]
-                last = (seq_lens.long() - 1).unsqueeze(1)  # [B, 1]
-                visible = kv_pos <= last
-                if window is not None:
-                    visible &= kv_pos > last - window
-                bias = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(~visible, float("-inf"))
-                bias = bias[None, :, None, :]  # [1, B, 1, S]
-            entry = md.derived[cache_key] = (bt, bias)
-        bt, bias = entry
-        num_seqs, num_heads, head_dim = q.shape
-        num_kv_heads = kv_cache.shape[3]
-        kv = gather_kv(kv_cache, bt)  # [2, Hk, B, S, D]
-        if bias is None:
-            kv = kv[..., :max_len, :]  # a view: every sequence is exactly max_len long
-        kv = _dequant(kv, kv_scale, q.dtype)
-        qg = q.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim).transpose(0, 1)  # [Hk, B, G, D]
-        if softcap is None:
-            scores = torch.matmul(qg * scale, kv[0].transpose(-1, -2))  # [Hk, B, G, S]
-        else:
-            scores = torch.tanh(torch.matmul(qg, kv[0].transpose(-1, -2)) * (scale / softcap)) * softcap
-        probs = torch.softmax(scores if bias is None else scores + bias, dim=-1)
-        out = torch.matmul(probs, kv[1])  # [Hk, B, G, D]
-        return out.transpose(0, 1).reshape(num_seqs, num_heads, head_dim)
-
-    def _mixed(self, q, k, v, kv_cache, md, scale, window, softcap, kv_scale=None):
-        """Decodes batched through `_decode`; each prefill chunk attended on its own."""
+        key = ("plan", sliding_window, q.dtype)
+        plan = metadata.derived.get(key)
+        if plan is None:  # once per step, shared by every layer
+            plan = metadata.derived[key] = _plan_step(metadata, block_size, sliding_window, q.dtype, q.device)
+        starts, batch, long_seqs = plan
+        if batch is not None and batch.query_index is None:  # every token in the batched group, in order
+            return attend_batch(q, kv_cache, batch, scale, logit_softcap, kv_scale)
         out = torch.empty_like(q)
-        plan = md.derived.get("plan")
-        if plan is None:
-            starts = [0]
-            for n in md.query_lens_list:
-                starts.append(starts[-1] + n)
-            dec_seqs = [i for i, n in enumerate(md.query_lens_list) if n == 1] if md.custom_mask is None else []
-            is_dec = set(dec_seqs)
-            pre_seqs = [i for i, n in enumerate(md.query_lens_list) if n > 0 and i not in is_dec]
-            dev = q.device
-            dec_idx = torch.tensor([starts[i] for i in dec_seqs], dtype=torch.int64, device=dev)
-            dec_sel = torch.tensor(dec_seqs, dtype=torch.int64, device=dev)
-            dec_max_len = max((md.seq_lens_list[i] for i in dec_seqs), default=0)
-            plan = md.derived["plan"] = (starts, dec_seqs, pre_seqs, dec_idx, dec_sel, dec_max_len)
-        starts, dec_seqs, pre_seqs, dec_idx, dec_sel, dec_max_len = plan
-        if dec_seqs:
-            dec_out = self._decode(q[dec_idx], kv_cache, md, md.block_tables[dec_sel], md.seq_lens[dec_sel],
-                                   dec_max_len, "mixed", scale, window, softcap, kv_scale)
-            out.index_copy_(0, dec_idx, dec_out)
-        block_size = kv_cache.shape[2]
-        for i in pre_seqs:
+        if batch is not None:
+            res = attend_batch(q, kv_cache, batch, scale, logit_softcap, kv_scale)  # [B * Q, Hq, D]
+            out.index_copy_(0, batch.out_tokens, res.index_select(0, batch.out_slots))
+        for i in long_seqs:
             s, e = starts[i], starts[i + 1]
-            seq_len, q_len = md.seq_lens_list[i], e - s
-            ctx = seq_len - q_len
-            qi = q[s:e].transpose(0, 1).unsqueeze(0)  # [1, Hq, L, D]
-            if ctx == 0:  # no cached context: use the new K/V directly
-                ki = k[s:e].transpose(0, 1).unsqueeze(0)  # [1, Hk, L, D]
-                vi = v[s:e].transpose(0, 1).unsqueeze(0)
-            else:
-                nblk = -(-seq_len // block_size)
-                kv = gather_kv(kv_cache, md.block_tables[i:i + 1, :nblk])[:, :, 0, :seq_len]  # [2, Hk, S, D]
-                kv = _dequant(kv, kv_scale, q.dtype)
-                ki, vi = kv[0].unsqueeze(0), kv[1].unsqueeze(0)  # [1, Hk, S, D]
-            if md.custom_mask is not None:
-                mask = md.custom_mask[s:e, :seq_len]
-            elif ctx == 0 and window is None:
-                out[s:e] = _attend(qi, ki, vi, None, scale, softcap, is_causal=True)[0].transpose(0, 1)
-                continue
-            else:
-                q_pos = torch.arange(ctx, seq_len, device=q.device).unsqueeze(1)  # [L, 1]
-                kv_pos = torch.arange(seq_len, device=q.device)  # [S]
-                mask = kv_pos <= q_pos
-                if window is not None:
-                    mask &= kv_pos > q_pos - window
-            out[s:e] = _attend(qi, ki, vi, mask[None, None], scale, softcap)[0].transpose(0, 1)
+            out[s:e] = self._prefill(q[s:e], k[s:e], v[s:e], kv_cache, metadata, i, scale, sliding_window,
+                                     logit_softcap, kv_scale)
         return out
+
+    def _prefill(self, q, k, v, kv_cache, md, i, scale, window, softcap, kv_scale):
+        """One sequence's chunk of new tokens, causal over its cached context. q [L, Hq, D] -> [L, Hq, D]."""
+        seq_len, q_len = md.seq_lens_list[i], q.shape[0]
+        ctx = seq_len - q_len
+        qi = q.transpose(0, 1).unsqueeze(0)  # [1, Hq, L, D]
+        if ctx == 0:  # no cached context: use the new K/V directly
+            ki = k.transpose(0, 1).unsqueeze(0)  # [1, Hk, L, D]
+            vi = v.transpose(0, 1).unsqueeze(0)
+            if window is None:
+                return _attend(qi, ki, vi, None, scale, softcap, is_causal=True)[0].transpose(0, 1)
+        else:
+            nblk = -(-seq_len // kv_cache.shape[2])
+            kv = gather_kv(kv_cache, md.block_tables[i:i + 1, :nblk])[:, :, 0, :seq_len]  # [2, Hk, S, D]
+            kv = dequant_kv(kv, kv_scale, q.dtype)
+            ki, vi = kv[0].unsqueeze(0), kv[1].unsqueeze(0)  # [1, Hk, S, D]
+        q_pos = torch.arange(ctx, seq_len, device=q.device).unsqueeze(1)  # [L, 1]
+        kv_pos = torch.arange(seq_len, device=q.device)  # [S]
+        mask = kv_pos <= q_pos
+        if window is not None:
+            mask &= kv_pos > q_pos - window
+        return _attend(qi, ki, vi, mask[None, None], scale, softcap)[0].transpose(0, 1)
+
+
+def _plan_step(md: AttentionMetadata, block_size: int, window, dtype, device):
+    """(flat token offsets [B + 1], the batched group's BatchPlan or None, the sequences attended alone)."""
+    starts = [0]
+    for n in md.query_lens_list:
+        starts.append(starts[-1] + n)
+    width = md.tree_mask.shape[1] if md.tree_mask is not None else 1
+    short = [i for i, n in enumerate(md.query_lens_list) if 0 < n <= width]
+    long_seqs = [i for i, n in enumerate(md.query_lens_list) if n > width]
+    batch = None
+    if short:
+        batch = plan_batch(short, starts, md.query_lens_list, md.seq_lens_list, md.block_tables, block_size,
+                           md.tree_mask, window, dtype, device)
+    return starts, batch, long_seqs
 
 
 def get_attention_backend(device: torch.device | str) -> AttentionBackend:

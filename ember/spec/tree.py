@@ -4,7 +4,8 @@ A proposer hands the engine `spec_token_ids` (flat, topologically ordered) and, 
 index per draft (-1: the request's last real token, the root). Draft i sits in the KV cache at slot
 position `L + i` (L = position of the first draft, so the scheduler's block accounting is unchanged)
 but is rotated at its logical position `L + depth(i)` and attends only to the committed context and
-its own ancestors. Chains (prompt lookup) need none of this: their causal mask is the ordinary one.
+its own ancestors. The step's tree mask (`build_tree_mask`) holds every drafting request's rows (chains
+causal), so decodes, chains and trees are verified in one batched attention call.
 
 After verification the accepted path's K/V is moved to slot positions L, L+1, ... (where plain
 decoding would have put it), and the scheduler truncates the rest.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 
@@ -65,30 +67,33 @@ def rope_positions(start: int, num_new: int, num_draft: int, parents: list[int] 
     return list(range(start, first)) + [first + d for d in depths(parents)]
 
 
-def tree_attention_mask(items: list, trees: list[list[int] | None], max_seq_len: int, device) -> torch.Tensor:
-    """[T, max_seq_len] bool over each sequence's own KV slot positions: causal for ordinary tokens,
-    context + ancestors + self for tree drafts. `items`: the step's ScheduledRequests in batch order."""
-    rows = []
-    kv_pos = torch.arange(max_seq_len)
+def build_tree_mask(items: list, trees: list[list[int] | None]) -> torch.Tensor | None:
+    """The step's `tree_mask` (ember.layers.attention.AttentionMetadata) [T, M] bool, M the longest query of
+    a request with drafts, or None when no request has drafts (every sequence causal). Row t, column j:
+    token t may attend new token j of its own sequence; ordinary tokens are causal, a tree draft sees the
+    ordinary new tokens and its ancestors and itself. `items`: the step's ScheduledRequests in batch order."""
+    width = max((it.num_new_tokens for it in items if it.num_draft_tokens), default=0)
+    if not width:
+        return None
+    num_tokens = sum(it.num_new_tokens for it in items)
+    mask = np.zeros((num_tokens, width), dtype=bool)
+    tril = np.tril(np.ones((width, width), dtype=bool))
+    start = 0
     for item, parents in zip(items, trees):
-        start, n = item.num_computed_tokens, item.num_new_tokens
-        q_pos = torch.arange(start, start + n).unsqueeze(1)  # [n, 1]
-        mask = kv_pos[None, :] <= q_pos  # [n, S] causal
-        if parents is not None:
-            first = start + n - len(parents)
-            for i, anc in enumerate(_ancestor_sets(parents)):
-                row = mask[n - len(parents) + i]
-                row[first:] = False
-                row[[first + a for a in anc]] = True
-        rows.append(mask)
-    return torch.cat(rows).to(device)
-
-
-def _ancestor_sets(parents: list[int]) -> list[list[int]]:
-    out: list[list[int]] = []
-    for i, p in enumerate(parents):
-        out.append((out[p] if p >= 0 else []) + [i])
-    return out
+        n = item.num_new_tokens
+        if n <= width:
+            rows = mask[start:start + n]
+            rows[:, :n] = tril[:n, :n]
+            if parents is not None:
+                first = n - len(parents)  # the drafts are the last len(parents) tokens
+                tree = rows[first:, first:]  # [d, d] draft i's row: its ancestors and itself
+                tree[:] = False
+                for i, p in enumerate(parents):
+                    if p >= 0:
+                        tree[i] = tree[p]
+                    tree[i, i] = True
+        start += n
+    return torch.from_numpy(mask)
 
 
 def kv_moves(item, accepted_nodes: list[int], block_size: int) -> tuple[list[int], list[int]]:

@@ -112,7 +112,7 @@ class CUDAGraphRunner:
         The returned `run(input_ids [B], positions [B]) -> hidden [B, H]` takes its inputs (and `meta`'s
         slot_mapping / seq_lens / block_tables) on the host, ideally, or on the device.
         """
-        if not self.graphs or not meta.is_all_decode or meta.custom_mask is not None:
+        if not self.graphs or not meta.is_all_decode or meta.tree_mask is not None:
             return None
         n = meta.num_seqs
         if n == 0 or n > self.max_batch or meta.block_tables.shape[1] > self.max_blocks:

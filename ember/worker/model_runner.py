@@ -20,8 +20,8 @@ from ember.layers.sampler import Sampler
 from ember.models.registry import get_model_class
 from ember.outputs import TokenLogprob
 from ember.spec.grammar import build_draft_bitmask
-from ember.spec.tree import (SpecDecodeMetadata, SpecOutput, copy_kv_slots, kv_moves, rope_positions,
-                             tree_attention_mask)
+from ember.spec.tree import (SpecDecodeMetadata, SpecOutput, build_tree_mask, copy_kv_slots, kv_moves,
+                             rope_positions)
 from ember.spec.verify import verify_drafts
 from ember.structured.bitmask import apply_bitmask, build_grammar_bitmask
 from ember.worker.kv_cache import allocate_kv_caches, kv_cache_bytes_per_block
@@ -49,7 +49,7 @@ class ForwardMetadata:
     seq_lens: list[int]  # [B] KV length per sequence after this step
     block_tables: list[list[int]]  # [B][blocks] KV block ids per sequence
     sample_rows: list[int]  # flat indices whose logits are wanted
-    custom_mask: torch.Tensor | None = None  # [T, max_seq_len] bool on CPU: tree-draft attention, else causal
+    tree_mask: torch.Tensor | None = None  # [T, M] bool on CPU: drafts' attention (AttentionMetadata.tree_mask)
 
 
 class ModelRunner:
@@ -134,13 +134,11 @@ class ModelRunner:
         out = ModelRunnerOutput()
         if not token_ids:
             return out
-        custom_mask = None
-        if any(t is not None for t in trees):
-            custom_mask = tree_attention_mask(sched_out.scheduled, trees, max(seq_lens), "cpu")
+        tree_mask = build_tree_mask(sched_out.scheduled, trees)  # None: no drafts this step
         if self.lora_manager is not None:  # each token's adapter slot, read by the LoRA layers
             self.lora_manager.prepare([(item.request.lora_name, item.num_new_tokens) for item in sched_out.scheduled])
         logits = self.forward(ForwardMetadata(token_ids, positions, query_lens, seq_lens, block_tables, sample_rows,
-                                              custom_mask))  # [R, V] float32
+                                              tree_mask))  # [R, V] float32
         if self.lora_manager is not None:
             self.lora_manager.batch = None  # the mapping belongs to this forward only
         if not sampling_items:
@@ -177,8 +175,8 @@ class ModelRunner:
         input_ids = torch.tensor(step.token_ids, dtype=torch.int64).to(dev, non_blocking=True)  # [T]
         pos = torch.tensor(step.positions, dtype=torch.int64).to(dev, non_blocking=True)  # [T]
         meta = build_attention_metadata(step.query_lens, step.seq_lens, step.block_tables, self.block_size, dev)
-        if step.custom_mask is not None:
-            meta.custom_mask = step.custom_mask.to(dev)
+        if step.tree_mask is not None:
+            meta.tree_mask = step.tree_mask.to(dev)
         hidden = self.model(input_ids, pos, self.kv_caches, meta)  # [T, H]
         return self._logits(hidden, step)
 
@@ -190,7 +188,7 @@ class ModelRunner:
 
     def _graphed_forward(self, step: ForwardMetadata) -> torch.Tensor | None:
         """Replay a captured decode graph when the step is all-decode without masks or adapters; else None."""
-        if self.graph_runner is None or step.custom_mask is not None or any(n != 1 for n in step.query_lens):
+        if self.graph_runner is None or step.tree_mask is not None or any(n != 1 for n in step.query_lens):
             return None
         if self.lora_manager is not None and self.lora_manager.batch is not None:
             return None

@@ -69,5 +69,5 @@ def test_graph_replay_matches_eager():
     assert runner.maybe_graph(build_attention_metadata([2], [6], [tables[0]], bs, "cpu")) is None  # prefill chunk
     assert runner.maybe_graph(build_attention_metadata([1] * 9, [2] * 9, [[0]] * 9, bs, "cpu")) is None  # > 8 seqs
     masked = build_attention_metadata([1], [6], [tables[0]], bs, "cpu")
-    masked.custom_mask = torch.ones(1, 6, dtype=torch.bool)
+    masked.tree_mask = torch.ones(1, 1, dtype=torch.bool)
     assert runner.maybe_graph(masked) is None

@@ -29,11 +29,11 @@ from ember.layers.triton.backend import TritonAttentionBackend  # noqa: E402
 from ember.layers.triton.paged_attention import IS_INTERPRETED  # noqa: E402
 from ember.worker.kv_cache import allocate_kv_caches  # noqa: E402
 
-from attention_reference import reference_attention  # noqa: E402
+from attention_reference import random_trees, reference_attention  # noqa: E402
 
 
 def _case(query_lens, seq_lens, *, hq, hk, d, bs=16, dtype=torch.float32, window=None, softcap=None,
-          custom=False, num_splits=None, device="cpu", seed=0, check_torch=True, kv_fp8=False):
+          tree_width=None, num_splits=None, device="cpu", seed=0, check_torch=True, kv_fp8=False):
     g = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     num_blocks = sum(-(-s // bs) for s in seq_lens) + 3
@@ -42,7 +42,7 @@ def _case(query_lens, seq_lens, *, hq, hk, d, bs=16, dtype=torch.float32, window
     kv_scale = torch.tensor([0.02, 0.03], device=device) if kv_fp8 else None
     free = list(range(num_blocks))
     rng.shuffle(free)
-    tables, full_k, full_v, qs, masks = [], [], [], [], []
+    tables, full_k, full_v, qs = [], [], [], []
     for ql, sl in zip(query_lens, seq_lens):
         table = [free.pop() for _ in range(-(-sl // bs))]
         tables.append(table)
@@ -56,14 +56,11 @@ def _case(query_lens, seq_lens, *, hq, hk, d, bs=16, dtype=torch.float32, window
         full_k.append(k8.float() * 0.02 if kv_fp8 else k)
         full_v.append(v8.float() * 0.03 if kv_fp8 else v)
         qs.append(torch.randn(ql, hq, d, generator=g).to(dtype))
-        if custom:  # a random tree-like mask: each new token sees a random subset of the context and itself
-            m = torch.rand(ql, sl, generator=g) < 0.6
-            m[torch.arange(ql), torch.arange(sl - ql, sl)] = True
-            masks.append(m)
     md = build_attention_metadata(query_lens, seq_lens, tables, bs, device)
-    if custom:
-        md.custom_mask = torch.cat(
-            [torch.nn.functional.pad(m, (0, md.max_seq_len - m.shape[1])) for m in masks]).to(device)
+    masks = [None] * len(query_lens)
+    if tree_width is not None:  # draft trees on the short sequences (longer ones stay causal)
+        tree_mask, masks = random_trees(query_lens, seq_lens, tree_width, g, window)
+        md.tree_mask = tree_mask.to(device)
     q = torch.cat(qs).to(device)
     k_new = torch.cat([k[-ql:] for k, ql in zip(full_k, query_lens)]).to(device=device, dtype=dtype)
     v_new = torch.cat([v[-ql:] for v, ql in zip(full_v, query_lens)]).to(device=device, dtype=dtype)
@@ -73,7 +70,7 @@ def _case(query_lens, seq_lens, *, hq, hk, d, bs=16, dtype=torch.float32, window
         q, k_new, v_new, kv_cache, md, scale=scale, sliding_window=window, logit_softcap=softcap, kv_scale=kv_scale)
     assert out.dtype == dtype and out.shape == q.shape
     ref = torch.cat([
-        reference_attention(qi, ki, vi, scale, window, softcap, masks[i] if custom else None)
+        reference_attention(qi, ki, vi, scale, window, softcap, masks[i])
         for i, (qi, ki, vi) in enumerate(zip(qs, full_k, full_v))
     ])
     tol = 1e-4 if dtype == torch.float32 else 2e-2
@@ -93,6 +90,8 @@ def _case(query_lens, seq_lens, *, hq, hk, d, bs=16, dtype=torch.float32, window
 # One prefill from scratch, one chunk with cached context crossing block boundaries, decodes (interleaved).
 MIXED = ([9, 1, 20, 1, 1], [9, 18, 37, 40, 1])
 DECODE = ([1] * 4, [1, 17, 33, 50])
+# Draft trees (6 and 4 new tokens) beside a decode and a causal prefill chunk longer than the mask.
+SPEC = ([6, 1, 20, 4], [40, 17, 37, 22])
 
 CASES = {
     "decode-mha-d64": dict(lens=DECODE, hq=2, hk=2, d=64),
@@ -103,8 +102,9 @@ CASES = {
     "mixed-window": dict(lens=MIXED, hq=4, hk=1, d=64, window=7),
     "decode-window-split": dict(lens=DECODE, hq=4, hk=2, d=64, window=20, num_splits=2),
     "mixed-softcap": dict(lens=MIXED, hq=4, hk=2, d=64, softcap=1.5),
-    "mixed-custom-mask": dict(lens=MIXED, hq=4, hk=2, d=64, custom=True),
-    "decode-custom-mask": dict(lens=DECODE, hq=4, hk=1, d=64, custom=True),
+    "mixed-tree-mask": dict(lens=SPEC, hq=4, hk=2, d=64, tree_width=6),
+    "tree-mask-window": dict(lens=SPEC, hq=4, hk=1, d=64, tree_width=6, window=9),
+    "decode-tree-mask": dict(lens=DECODE, hq=4, hk=1, d=64, tree_width=1),
     "mixed-bf16": dict(lens=MIXED, hq=4, hk=1, d=64, dtype=torch.bfloat16),
     "decode-fp16": dict(lens=DECODE, hq=4, hk=2, d=64, dtype=torch.float16),
     "mixed-fp8-kv-bf16": dict(lens=MIXED, hq=4, hk=2, d=64, dtype=torch.bfloat16, kv_fp8=True,

@@ -11,12 +11,12 @@ import torch
 from ember.layers.attention import TorchAttentionBackend, build_attention_metadata
 from ember.worker.kv_cache import allocate_kv_caches, kv_cache_bytes_per_block
 
-from attention_reference import reference_attention
+from attention_reference import random_trees, reference_attention
 
 HQ, HK, D, BS = 4, 2, 16, 4
 
 
-def _run(query_lens, seq_lens, window=None, softcap=None, seed=0, custom=False):
+def _run(query_lens, seq_lens, window=None, softcap=None, seed=0, tree_width=None):
     g = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     num_blocks = 64
@@ -35,16 +35,17 @@ def _run(query_lens, seq_lens, window=None, softcap=None, seed=0, custom=False):
         full_v.append(v)
         qs.append(torch.randn(ql, HQ, D, generator=g))
     md = build_attention_metadata(query_lens, seq_lens, tables, BS, "cpu")
-    if custom:  # the seam: an explicit causal mask gives the causal result
-        rows = [torch.arange(sl) <= torch.arange(sl - ql, sl).unsqueeze(1) for ql, sl in zip(query_lens, seq_lens)]
-        md.custom_mask = torch.cat([torch.nn.functional.pad(r, (0, md.max_seq_len - r.shape[1])) for r in rows])
+    masks = [None] * len(query_lens)
+    if tree_width is not None:  # draft trees on the short sequences, in the same batched call as decodes
+        md.tree_mask, masks = random_trees(query_lens, seq_lens, tree_width, g, window)
     q = torch.cat(qs)
     k_new = torch.cat([k[-ql:] for k, ql in zip(full_k, query_lens)])
     v_new = torch.cat([v[-ql:] for v, ql in zip(full_v, query_lens)])
     scale = 1 / math.sqrt(D)
     out = TorchAttentionBackend().forward(q, k_new, v_new, kv_cache, md, scale=scale,
                                           sliding_window=window, logit_softcap=softcap)
-    ref = torch.cat([reference_attention(qi, ki, vi, scale, window, softcap).float() for qi, ki, vi in zip(qs, full_k, full_v)])
+    ref = torch.cat([reference_attention(qi, ki, vi, scale, window, softcap, m).float()
+                     for qi, ki, vi, m in zip(qs, full_k, full_v, masks)])
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     # The new K/V landed at their slots.
     flat = kv_cache.view(2, -1, HK, D)
@@ -71,8 +72,11 @@ def test_prefill_only_and_context_chunks():
     _run([12, 6, 3], [12, 10, 19], window=6, softcap=3.0, seed=2)
 
 
-def test_custom_mask_seam():
-    _run(*MIXED, custom=True, seed=3)
+@pytest.mark.parametrize("window,softcap", [(None, None), (7, None), (None, 2.0)])
+def test_tree_masks_batched_beside_decodes_and_prefill(window, softcap):
+    # trees of 2-6 new tokens, decodes, a long prefill chunk (causal) and one from scratch
+    _run([4, 1, 9, 6, 1, 2, 12], [12, 5, 20, 30, 14, 9, 12], window=window, softcap=softcap, seed=3, tree_width=6)
+    _run([3, 5], [8, 26], window=window, softcap=softcap, seed=4, tree_width=5)  # trees only
 
 
 def test_metadata_builder():

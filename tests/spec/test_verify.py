@@ -3,7 +3,7 @@
 import torch
 
 from ember.layers.sampler import SamplingMetadata
-from ember.spec.tree import tree_attention_mask
+from ember.spec.tree import build_tree_mask
 from ember.spec.verify import verify_drafts
 
 
@@ -69,12 +69,19 @@ def _assert_matches(counts, p):
     assert chi2 < 23.5, (counts / n, p, chi2)
 
 
-def test_tree_mask_is_context_plus_ancestors():
+def test_tree_mask_is_ancestors_over_new_tokens():
     class Item:
-        num_computed_tokens, num_new_tokens = 3, 4  # root at position 3, drafts at slots 4, 5, 6
-    mask = tree_attention_mask([Item()], [[-1, -1, 0]], 7, "cpu")
-    assert mask.shape == (4, 7)
-    assert mask[0].tolist() == [True] * 4 + [False] * 3  # the root: causal
-    assert mask[1].tolist() == [True] * 5 + [False, False]  # node 0: context + itself
-    assert mask[2].tolist() == [True] * 4 + [False, True, False]  # node 1: blind to node 0
-    assert mask[3].tolist() == [True] * 5 + [False, True]  # node 2: context + node 0 + itself
+        def __init__(self, n, d):
+            self.num_new_tokens, self.num_draft_tokens = n, d
+
+    # a tree (root + 3 drafts), a plain decode, a prompt-lookup chain (root + 2), a prefill chunk of 9
+    mask = build_tree_mask([Item(4, 3), Item(1, 0), Item(3, 2), Item(9, 0)], [[-1, -1, 0], None, None, None])
+    assert mask.shape == (4 + 1 + 3 + 9, 4)  # as wide as the longest drafting query
+    assert mask[0].tolist() == [True, False, False, False]  # the root sees itself (and its context)
+    assert mask[1].tolist() == [True, True, False, False]  # node 0: root + itself
+    assert mask[2].tolist() == [True, False, True, False]  # node 1: blind to its sibling node 0
+    assert mask[3].tolist() == [True, True, False, True]  # node 2: root + node 0 + itself
+    assert mask[4].tolist() == [True, False, False, False]  # the decode
+    assert mask[5:8].tolist() == [[True, False, False, False], [True, True, False, False], [True, True, True, False]]
+    assert not mask[8:].any()  # longer than the mask: causal, rows unused
+    assert build_tree_mask([Item(1, 0), Item(5, 0)], [None, None]) is None  # no drafts: plain causal step

@@ -10,7 +10,8 @@ the token count and is safe to capture in a CUDA graph. When few programs would 
 merged with their log-sum-exps.
 
 Masks: causal (query token at position p sees KV positions <= p), optional sliding window (> p - window),
-or, when `custom_mask` [T, max_seq_len] is given (lookahead/tree verification), exactly that mask. Optional
+or, when `tree_mask` [T, M] is given (speculative verification), that mask over each short sequence's
+new tokens (its cached context stays visible). Optional
 logit softcap (Gemma 2) and a quantized (fp8) cache with per-layer K/V scales.
 
 The same kernel runs on CPU tensors under the Triton interpreter, which is how the tests check it without a
@@ -51,7 +52,8 @@ def _paged_attention_kernel(
     block_tables_ptr,  # [B, max_blocks] int32
     seq_lens_ptr,  # [B] int32: KV length after this step
     query_start_loc_ptr,  # [B + 1] int32
-    mask_ptr,  # [T, max_seq_len] uint8 custom mask (HAS_MASK)
+    mask_ptr,  # [T, mask_width] uint8 tree mask over each sequence's new tokens (HAS_MASK)
+    qpos_ptr,  # [T] int32 logical position of each token under the tree mask (HAS_MASK and HAS_WINDOW)
     kv_scale_ptr,  # [2] float32 (HAS_KV_SCALE)
     scale,  # softmax scale
     softcap,  # logit softcap (HAS_SOFTCAP)
@@ -65,6 +67,7 @@ def _paged_attention_kernel(
     stride_vb, stride_vs, stride_vh,
     stride_bt,
     stride_mask,
+    mask_width,  # sequences with more new tokens than this are causal
     NUM_Q_PER_KV: tl.constexpr,  # Hq // Hk
     G_PAD: tl.constexpr,  # NUM_Q_PER_KV rounded up to a power of two
     BLOCK_Q: tl.constexpr,  # query tokens per program
@@ -115,15 +118,21 @@ def _paged_attention_kernel(
     q = tl.load(q_ptr + flat_tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
                 mask=row_valid[:, None] & d_valid[None, :], other=0.0)  # [BLOCK_M, HEAD_DIM_PAD]
 
-    # KV positions this tile can see.
+    # KV positions this tile can see. A tree node's ancestors come before it, so the causal bound holds
+    # under a tree mask too; its logical position (the window's reference) is at most its slot position.
+    kv_hi = tl.minimum(seq_len, ctx_len + tl.minimum(tile_q0 + BLOCK_Q, q_len))
+    kv_lo = 0
     if HAS_MASK:
-        kv_lo = 0
-        kv_hi = seq_len
-    else:
-        kv_hi = tl.minimum(seq_len, ctx_len + tl.minimum(tile_q0 + BLOCK_Q, q_len))
-        kv_lo = 0
-        if HAS_WINDOW:
-            kv_lo = tl.maximum(0, ctx_len + tile_q0 - window + 1)
+        is_tree = q_len <= mask_width
+        tree_width = tl.where(is_tree, mask_width, 0)  # mask columns this sequence reads (none: causal)
+    if HAS_WINDOW:
+        first = tile_q0
+        if HAS_MASK:
+            first = tl.where(is_tree, 0, tile_q0)
+        kv_lo = tl.maximum(0, ctx_len + first - window + 1)
+    win_pos = q_pos
+    if HAS_MASK and HAS_WINDOW:
+        win_pos = tl.load(qpos_ptr + flat_tok, mask=row_valid, other=0)
     tile_lo = kv_lo // BLOCK_N
     tile_hi = (kv_hi + BLOCK_N - 1) // BLOCK_N
     tiles_per_split = (tile_hi - tile_lo + NUM_SPLITS - 1) // NUM_SPLITS
@@ -157,14 +166,18 @@ def _paged_attention_kernel(
             s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0))  # softcap * tanh(x)
         s = s * 1.4426950408889634  # log2 units: exp2 below
         allowed = kv_valid[None, :] & row_valid[:, None]
+        causal = kv_pos[None, :] <= q_pos[:, None]
         if HAS_MASK:
-            mval = tl.load(mask_ptr + flat_tok[:, None].to(tl.int64) * stride_mask + kv_pos[None, :],
-                           mask=row_valid[:, None] & kv_valid[None, :], other=0)
-            allowed = allowed & (mval != 0)
+            rel = kv_pos - ctx_len  # [BLOCK_N] index among the sequence's new tokens
+            in_new = (rel >= 0) & (rel < tree_width)
+            mval = tl.load(mask_ptr + flat_tok[:, None].to(tl.int64) * stride_mask + rel[None, :],
+                           mask=row_valid[:, None] & in_new[None, :], other=0)
+            tree = (rel[None, :] < 0) | (mval != 0)
+            allowed = allowed & tl.where(is_tree, tree, causal)
         else:
-            allowed = allowed & (kv_pos[None, :] <= q_pos[:, None])
-            if HAS_WINDOW:
-                allowed = allowed & (kv_pos[None, :] > q_pos[:, None] - window)
+            allowed = allowed & causal
+        if HAS_WINDOW:
+            allowed = allowed & (kv_pos[None, :] > win_pos[:, None] - window)
         s = tl.where(allowed, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet stays at 0
@@ -190,6 +203,24 @@ def _paged_attention_kernel(
 # True when this process interprets Triton (TRITON_INTERPRET=1 was set before triton was imported).
 IS_INTERPRETED = all(type(f).__name__ == "InterpretedFunction" for f in (_paged_attention_kernel, tl.sum))
 _NUM_SMS: dict[int, int] = {}
+
+
+def tree_query_positions(metadata) -> torch.Tensor:
+    """[T] int32 logical position of each new token: a tree node sits one past its deepest ancestor
+    (the count of its visible new tokens, itself included, minus one, past the cached context); tokens
+    of sequences longer than the mask are causal. Once per step, on the device, no host sync."""
+    key = "tree_query_positions"
+    pos = metadata.derived.get(key)
+    if pos is None:
+        qsl, seq_lens, mask = metadata.query_start_loc.long(), metadata.seq_lens.long(), metadata.tree_mask
+        q_lens = qsl[1:] - qsl[:-1]  # [B]
+        num_tokens = mask.shape[0]
+        seq = torch.repeat_interleave(torch.arange(q_lens.numel(), device=mask.device), q_lens,
+                                      output_size=num_tokens)  # [T]
+        idx = torch.arange(num_tokens, device=mask.device) - qsl[seq]  # [T] index among new tokens
+        depth = torch.where(q_lens[seq] <= mask.shape[1], mask.long().sum(-1) - 1, idx)
+        pos = metadata.derived[key] = ((seq_lens - q_lens)[seq] + depth).to(torch.int32)
+    return pos
 
 
 def _num_sms(device: torch.device) -> int:
@@ -244,16 +275,18 @@ def paged_attention(
     if num_splits is None:
         num_splits = choose_num_splits(num_seqs, num_kv_heads, metadata.max_seq_len, metadata.max_query_len,
                                        _num_sms(q.device))
-    mask = metadata.custom_mask
+    mask = metadata.tree_mask
+    qpos = dummy = metadata.seq_lens
     if mask is not None:
         mask = mask.view(torch.uint8) if mask.dtype == torch.bool else mask.to(torch.uint8)
+        if sliding_window is not None:
+            qpos = tree_query_positions(metadata)
     if num_splits > 1:
         part_out = torch.empty((num_tokens, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
         part_lse = torch.empty((num_tokens, num_heads, num_splits), dtype=torch.float32, device=q.device)
     else:
         part_out = part_lse = out  # unused
     k_cache, v_cache = kv_cache[0], kv_cache[1]
-    dummy = metadata.seq_lens
     grid = (num_tokens // block_q + num_seqs, num_kv_heads, num_splits)
     if q.device.type != "cuda" and not IS_INTERPRETED:
         raise RuntimeError("the Triton paged-attention kernel runs on CUDA, or on CPU with TRITON_INTERPRET=1 "
@@ -261,7 +294,7 @@ def paged_attention(
     _paged_attention_kernel[grid](
         out, part_out, part_lse, q, k_cache, v_cache,
         metadata.block_tables, metadata.seq_lens, metadata.query_start_loc,
-        mask if mask is not None else dummy,
+        mask if mask is not None else dummy, qpos,
         kv_scale if kv_scale is not None else dummy,
         float(scale), float(logit_softcap or 0.0), int(sliding_window or 0),
         num_seqs, num_heads, kv_cache.shape[2],
@@ -270,7 +303,7 @@ def paged_attention(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         metadata.block_tables.stride(0),
-        mask.stride(0) if mask is not None else 0,
+        mask.stride(0) if mask is not None else 0, mask.shape[1] if mask is not None else 0,
         NUM_Q_PER_KV=group, G_PAD=g_pad, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n,
         HEAD_DIM=head_dim, HEAD_DIM_PAD=max(16, triton.next_power_of_2(head_dim)),
         HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=logit_softcap is not None,
