@@ -100,6 +100,8 @@ def run_hf(model, prompts: list[list[int]], output_len: int, batch_size: int, pa
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=None, help="config YAML, model dir, .gguf or engine dir (default model if omitted)")
+    p.add_argument("--task", choices=["generate", "embed"], default="generate",
+                   help="embed: an encoder config (or BERT-base's shape if none) vs transformers, embeddings/s")
     p.add_argument("--num-prompts", type=int, default=64)
     p.add_argument("--input-len", type=int, default=32)
     p.add_argument("--output-len", type=int, default=128)
@@ -129,6 +131,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> dict:
+    if args.task == "embed":
+        from ember.bench.embed import run_embed_bench
+
+        return run_embed_bench(args)
     from ember import LLM
 
     overrides = {"dtype": args.dtype}

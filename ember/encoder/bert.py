@@ -12,10 +12,28 @@ import torch.nn.functional as F
 from torch import nn
 
 from ember.encoder.attention import EncoderMetadata, dense_attention
+from ember.layers.cpu_pack import PackedCPUMethod
 from ember.layers.linear import Linear
 
-_ACTIVATIONS = {"gelu": lambda x: F.gelu(x), "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-                "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu, "silu": F.silu}
+# hidden_act -> (torch function, oneDNN post-op name and algorithm, or None when oneDNN has no such post-op)
+_ACTIVATIONS = {"gelu": (F.gelu, ("gelu", "none")), "gelu_new": (lambda x: F.gelu(x, approximate="tanh"), ("gelu", "tanh")),
+                "gelu_pytorch_tanh": (lambda x: F.gelu(x, approximate="tanh"), ("gelu", "tanh")),
+                "relu": (F.relu, ("relu", "")), "silu": (F.silu, ("swish", ""))}
+
+
+def _linear_act(layer: Linear, x: torch.Tensor, act) -> torch.Tensor:
+    """act(layer(x)); one oneDNN call (bias and activation as post-ops) when the weight is packed for it."""
+    fn, post_op = act
+    if isinstance(layer.quant_method, PackedCPUMethod) and layer.lora is None:
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), layer.weight, layer.bias, post_op[0], [], post_op[1])
+    return fn(layer(x))
+
+
+def _linear_add(layer: Linear, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """layer(x) + residual; the add is a oneDNN post-op when the weight is packed for it."""
+    if isinstance(layer.quant_method, PackedCPUMethod) and layer.lora is None:
+        return torch.ops.mkldnn._linear_pointwise.binary(x.contiguous(), residual.contiguous(), layer.weight, layer.bias, "add")
+    return layer(x) + residual
 
 
 class BertEmbeddings(nn.Module):
@@ -60,10 +78,9 @@ class BertLayer(nn.Module):
         num_tokens = x.shape[0]
         qkv = self.attention.self.qkv(x).view(num_tokens, 3, self.num_heads, self.head_dim)  # [T, 3, nh, D]
         attn = dense_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], meta, scale=self.head_dim**-0.5, is_causal=False)
-        attn = self.attention.output.dense(attn.reshape(num_tokens, -1))  # [T, H]
-        x = self.attention.output.LayerNorm(attn + x)
-        y = self.output.dense(self.act(self.intermediate.dense(x)))
-        return self.output.LayerNorm(y + x)
+        x = self.attention.output.LayerNorm(_linear_add(self.attention.output.dense, attn.reshape(num_tokens, -1), x))  # [T, H]
+        y = _linear_act(self.intermediate.dense, x, self.act)  # [T, I]
+        return self.output.LayerNorm(_linear_add(self.output.dense, y, x))
 
 
 class BertEncoderModel(nn.Module):

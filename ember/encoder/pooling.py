@@ -83,21 +83,16 @@ def _read_json(path: Path):
 
 def pool(hidden: torch.Tensor, seq_lens: list[int], mode: str) -> torch.Tensor:
     """hidden [T, H] (sequences packed in order, lengths seq_lens) -> [B, H] float32."""
-    starts = torch.tensor([0] + seq_lens[:-1], device=hidden.device).cumsum(0)  # [B]
-    lens = torch.tensor(seq_lens, device=hidden.device)  # [B]
-    if mode == "cls":
-        return hidden[starts].float()
-    if mode == "last":
-        return hidden[starts + lens - 1].float()
-    seq_idx = torch.repeat_interleave(torch.arange(len(seq_lens), device=hidden.device), lens)  # [T]
-    h = hidden.float()
-    if mode == "mean":
-        sums = torch.zeros(len(seq_lens), h.shape[1], device=h.device).index_add_(0, seq_idx, h)  # [B, H]
-        return sums / lens.unsqueeze(1).to(h.dtype)
-    if mode == "max":
-        out = torch.full((len(seq_lens), h.shape[1]), float("-inf"), device=h.device)
-        return out.index_reduce_(0, seq_idx, h, "amax")
-    raise ValueError(f"pooling mode {mode!r} is not one of {', '.join(POOLING_MODES)}")
+    if mode in ("cls", "last"):
+        ends = torch.tensor(seq_lens, device=hidden.device).cumsum(0)  # [B]
+        return hidden[ends - torch.tensor(seq_lens, device=hidden.device) if mode == "cls" else ends - 1].float()
+    if mode not in ("mean", "max"):
+        raise ValueError(f"pooling mode {mode!r} is not one of {', '.join(POOLING_MODES)}")
+    if min(seq_lens) == max(seq_lens):  # equal lengths: one view
+        h = hidden.view(len(seq_lens), seq_lens[0], hidden.shape[1]).float()  # [B, L, H]
+        return h.mean(1) if mode == "mean" else h.amax(1)
+    parts = torch.split(hidden, seq_lens)  # B views [L_i, H]
+    return torch.stack([p.float().mean(0) if mode == "mean" else p.float().amax(0) for p in parts])
 
 
 def finish_embeddings(pooled: torch.Tensor, normalize: bool) -> torch.Tensor:

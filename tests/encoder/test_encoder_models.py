@@ -84,3 +84,22 @@ def test_xlmr_classifier_matches_transformers(xlmr_classifier_dir):
     with torch.no_grad():
         ref = torch.cat([hf(**setup.tokenizer(t, return_tensors="pt")).logits for t in TEXTS])
     _assert_close(ours, ref)
+
+
+def test_bf16_fused_path_matches_float32_reference(bert_mean_dir):
+    """bf16 on CPU runs the oneDNN-packed linears with bias+GELU and residual adds fused; same embeddings to bf16 precision."""
+    from sentence_transformers import SentenceTransformer
+
+    setup = build_encoder_setup(encoder_config(bert_mean_dir, dtype="bfloat16"))
+    ours = setup.runner.run(_inputs(setup.tokenizer, TEXTS))
+    ref = SentenceTransformer(str(bert_mean_dir), device="cpu").encode(TEXTS, convert_to_tensor=True)
+    assert F.cosine_similarity(ours.double(), ref.double(), dim=-1).min().item() > 0.999
+
+
+def test_embed_bench_runs_both_sides(bert_mean_dir, capsys):
+    """`ember bench offline --task embed` on a checkpoint: both engines embed the same inputs alike (no timing asserted)."""
+    from ember.bench.cli import main
+
+    main(["offline", str(bert_mean_dir), "--task", "embed", "--num-prompts", "3", "--input-len", "16", "--repeats", "1", "--dtype", "float32"])
+    out = capsys.readouterr().out
+    assert "embeddings/s" in out and "min cosine ember vs transformers 1.0000" in out
