@@ -11,11 +11,10 @@ WORDS = ("the quick brown fox jumps over lazy dog a an of to in is it what where
 
 
 def write_tokenizer(d: Path):
-    from transformers import BertTokenizerFast
+    from transformers import BertTokenizer
 
-    vocab = d / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS + [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"]) + "\n")
-    tok = BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS + [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"]
+    tok = BertTokenizer(vocab={w: i for i, w in enumerate(words)}, do_lower_case=True)
     tok.save_pretrained(d)
     return tok
 

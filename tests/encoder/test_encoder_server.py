@@ -62,6 +62,8 @@ def test_openai_embeddings(embed_server, bert_mean_dir):
         assert r.status_code == 400 and r.json()["error"]["param"] == param, (bad, r.text)
     r = httpx.post(embed_server.url + "/rerank", json={"query": "a", "texts": ["b"]})
     assert r.status_code == 400 and "/v1/embeddings" in r.json()["error"]["message"]
+    r = httpx.post(embed_server.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 400 and "is an encoder" in r.json()["error"]["message"]
     metrics = httpx.get(embed_server.url + "/metrics").text
     assert "ember_embeddings_per_second" in metrics and "ember_encoder_tokens_per_second" in metrics
     assert "ember_embeddings_total" in metrics
