@@ -19,7 +19,7 @@ class SamplingParams:
     max_tokens: int | None = 16  # None: up to the context limit
     min_tokens: int = 0  # EOS / stop tokens are masked until this many tokens exist
     temperature: float = 1.0  # 0 means greedy
-    top_p: float = 1.0
+    top_p: float = 1.0  # 0 means greedy (OpenAI's range is [0, 1]; nothing but the top token is left)
     top_k: int = -1  # -1 or 0: off
     min_p: float = 0.0
     presence_penalty: float = 0.0
@@ -48,11 +48,13 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == 0:
             self.top_k = -1
+        if self.top_p == 0.0:
+            self.temperature, self.top_p = 0.0, 1.0
         _check(self.n >= 1, "n", self.n, "must be at least 1")
         _check(self.max_tokens is None or self.max_tokens >= 1, "max_tokens", self.max_tokens, "must be at least 1")
         _check(self.min_tokens >= 0, "min_tokens", self.min_tokens, "must be non-negative")
         _check(self.temperature >= 0.0, "temperature", self.temperature, "must be non-negative")
-        _check(0.0 < self.top_p <= 1.0, "top_p", self.top_p, "must be in (0, 1]")
+        _check(0.0 <= self.top_p <= 1.0, "top_p", self.top_p, "must be in [0, 1]")
         _check(self.top_k == -1 or self.top_k >= 1, "top_k", self.top_k, "must be -1 (off) or at least 1")
         _check(0.0 <= self.min_p <= 1.0, "min_p", self.min_p, "must be in [0, 1]")
         _check(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", self.presence_penalty, "must be in [-2, 2]")

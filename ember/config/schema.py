@@ -363,6 +363,8 @@ class EmberSection(_Section):
     # chunks for every token) at some speed cost; off: bit-identical only when the batch shapes repeat
     deterministic: Bool = False
     fault_injection: Optional[FaultInjection] = None  # tests only: see FaultInjection
+    strict_model_name: Bool = False  # True: a request `model` that is neither the served name nor an adapter is a 404 (vLLM);
+    # False: any other name serves the base model (Baseten routes by URL; its docs say `model` "can be any string")
     limits: LimitsConfig = LimitsConfig()
     # Encoders (base_model encoder | encoder_bert) when the checkpoint has no sentence-transformers files:
     pooling: Optional[Literal["cls", "mean", "last", "max"]] = None  # None: modules.json, else cls (BERT) / last (causal)

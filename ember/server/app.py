@@ -115,7 +115,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str, request: Request):
         async def handler(_state, _request):
-            resolve_lora(model_id, engine)
+            resolve_lora(model_id, engine, strict=True)  # /v1/models lists only what is served
             return JSONResponse(dump(next(c for c in _model_cards(state) if c.id == model_id)))
 
         return await _guard(state, handler, request, needs_engine=False)
@@ -157,7 +157,7 @@ def _model_cards(state: ServerState) -> list[ModelCard]:
 
 async def _tokenize(state: ServerState, request: Request) -> Response:
     req: TokenizeRequest = await parse_body(TokenizeRequest, request)
-    resolve_lora(req.model, state.engine)
+    resolve_lora(req.model, state.engine, state.settings.strict_model_name)
     if (req.prompt is None) == (req.messages is None):
         raise InvalidRequestError("Send exactly one of 'prompt' or 'messages'.", param="prompt")
     if req.messages is not None:
@@ -172,7 +172,7 @@ async def _tokenize(state: ServerState, request: Request) -> Response:
 
 async def _detokenize(state: ServerState, request: Request) -> Response:
     req: DetokenizeRequest = await parse_body(DetokenizeRequest, request)
-    resolve_lora(req.model, state.engine)
+    resolve_lora(req.model, state.engine, state.settings.strict_model_name)
     bad = next((t for t in req.tokens if t >= state.vocab_size), None)
     if bad is not None:
         raise InvalidRequestError(f"Token id {bad} is out of range; the vocabulary has {state.vocab_size} tokens.", param="tokens")

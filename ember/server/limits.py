@@ -29,6 +29,7 @@ class ServerSettings:
     port: int = 8000
     api_key: str | None = None  # None: no authentication
     trust_request_chat_template: bool = False
+    strict_model_name: bool = False  # True: unknown `model` names are a 404; False: they serve the base model
     drain_timeout_s: float = 30.0  # SIGTERM: time in-flight requests get to finish
     max_n: int = 16  # choices per request
     max_tokens_limit: int | None = None  # None: only the context limit bounds max_tokens
@@ -62,12 +63,15 @@ class ServerSettings:
         return settings
 
 
-def resolve_lora(model: str | None, engine) -> str | None:
-    """The LoRA adapter a request's `model` names (None: the base model); unknown names are a 404."""
+def resolve_lora(model: str | None, engine, strict: bool = False) -> str | None:
+    """The LoRA adapter a request's `model` names (None: the base model). Any other name serves the base
+    model, as on Baseten, unless `strict` (ember.strict_model_name), where it is a 404 as on vLLM."""
     if model is None or model == engine.served_model_name:
         return None
     if model in (getattr(engine, "lora_names", None) or []):
         return model
+    if not strict:
+        return None
     raise ModelNotFoundError(f"The model '{model}' does not exist; this server serves '{engine.served_model_name}'.", param="model")
 
 
@@ -132,8 +136,12 @@ def check_prompt(token_ids: list[int], s: ServerSettings, max_model_len: int, vo
             raise InvalidRequestError(f"Token id {bad} is out of range; the vocabulary has {vocab_size} tokens.", param=param)
 
 
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
 def resolve_max_tokens(req, num_prompt_tokens: int, max_model_len: int, s: ServerSettings) -> int:
-    """The output budget: the request's, else the configured default, never past the context."""
+    """The output budget: the request's; else runtime.request_default_max_tokens; else OpenAI's default
+    (16 for completions, the rest of the context for chat); never past the context."""
     name, requested = requested_max_tokens(req)
     room = max_model_len - num_prompt_tokens
     if requested is not None:
@@ -151,7 +159,10 @@ def resolve_max_tokens(req, num_prompt_tokens: int, max_model_len: int, s: Serve
             "which leaves no room for the completion. Please reduce the length of the prompt.",
             param="messages" if isinstance(req, ChatCompletionRequest) else "prompt",
         )
-    budget = room if s.default_max_tokens is None else min(s.default_max_tokens, room)
+    default = s.default_max_tokens
+    if default is None and isinstance(req, CompletionRequest):
+        default = COMPLETIONS_DEFAULT_MAX_TOKENS
+    budget = room if default is None else min(default, room)
     return budget if s.max_tokens_limit is None else min(budget, s.max_tokens_limit)
 
 

@@ -3,6 +3,8 @@
 Requests: static bounds (ranges of sampling values) live here, so a violation is a 400 naming the
 field; limits that come from the config (n, max_tokens, stop count, logprobs) are checked in
 server/limits.py. Unknown fields are accepted and ignored, as vLLM does, so newer SDKs keep working.
+OpenAI's nullable fields accept an explicit `null` as "absent" (their default applies): the request
+models drop null-valued keys before validation.
 Structured-output fields (`response_format`, `regex`, `grammar`, `choice`, `tools`, `tool_choice`)
 are parsed here and validated in server/structured.py (which names the field in its 400s)."""
 
@@ -11,7 +13,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 INT64 = 2**63 - 1
 NonNegInt = Annotated[int, Field(ge=0, le=INT64)]
@@ -19,6 +21,14 @@ NonNegInt = Annotated[int, Field(ge=0, le=INT64)]
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_absent(cls, data: Any) -> Any:
+        # OpenAI marks most request fields nullable; null means "use the default", as in OpenAI's API.
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
 
 
 class StreamOptions(_Request):
@@ -69,31 +79,32 @@ class ChatMessage(_Request):
 
 
 class _SamplingFields(_Request):
-    """Fields shared by /v1/chat/completions and /v1/completions (OpenAI's plus vLLM-style extras)."""
+    """Fields shared by /v1/chat/completions and /v1/completions (OpenAI's plus vLLM-style extras).
+    `X | None = default`: nullable in OpenAI's spec (null means the default)."""
 
-    model: str | None = None  # None: the served model
-    n: int = Field(1, ge=1)
+    model: str | None = None  # None or any name but an adapter's: the served model (see limits.resolve_lora)
+    n: int | None = Field(1, ge=1)
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    top_p: float | None = Field(None, ge=0.0, le=1.0)  # 0: greedy
+    presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
     seed: int | None = Field(None, ge=-INT64 - 1, le=INT64)
     stop: str | list[str] | None = None
-    stream: bool = False
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias added to its logit, -100..100
     user: str | None = None
     response_format: ResponseFormat | None = None
     # extras (vLLM-compatible names)
-    top_k: int = Field(-1, ge=-1, le=2**31 - 1)
-    min_p: float = Field(0.0, ge=0.0, le=1.0)
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
-    min_tokens: int = Field(0, ge=0)
-    ignore_eos: bool = False
+    top_k: int | None = Field(-1, ge=-1, le=2**31 - 1)
+    min_p: float | None = Field(0.0, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(1.0, gt=0.0, le=10.0)
+    min_tokens: int | None = Field(0, ge=0)
+    ignore_eos: bool | None = False
     stop_token_ids: list[NonNegInt] | None = None
-    skip_special_tokens: bool = True
-    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool | None = True
+    include_stop_str_in_output: bool | None = False
     regex: str | None = None
     grammar: str | None = None
     choice: list[str] | None = None
@@ -102,12 +113,12 @@ class _SamplingFields(_Request):
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool = False
+    logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0)
     tools: list[Tool] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
-    add_generation_prompt: bool = True
+    add_generation_prompt: bool | None = True
     chat_template: str | None = None  # refused unless ember.trust_request_chat_template
     chat_template_kwargs: dict[str, Any] | None = None
 
@@ -116,8 +127,8 @@ PromptInput = str | list[str] | list[NonNegInt] | list[list[NonNegInt]]
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: PromptInput
-    echo: bool = False
+    prompt: PromptInput | None = None  # None (absent or null): OpenAI's "<|endoftext|>", here the BOS (else EOS) token
+    echo: bool | None = False
     logprobs: int | None = Field(None, ge=0)
     best_of: int | None = Field(None, ge=1)
     suffix: str | None = None
@@ -128,7 +139,7 @@ class TokenizeRequest(_Request):
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool | None = None  # default: True for a prompt, False for messages
-    add_generation_prompt: bool = True
+    add_generation_prompt: bool | None = True
 
 
 class DetokenizeRequest(_Request):

@@ -52,7 +52,7 @@ from ember.structured.tools import normalize_tools, resolve_tool_choice
 async def create_chat_completion(state: ServerState, request: Request):
     req: ChatCompletionRequest = await parse_body(ChatCompletionRequest, request)
     engine, settings = state.engine, state.settings
-    lora = resolve_lora(req.model, engine)
+    lora = resolve_lora(req.model, engine, settings.strict_model_name)
     check_supported(req)
     check_limits(req, settings)
     deadline, timeout_s = parse_deadline(request.headers)
@@ -73,7 +73,7 @@ async def create_chat_completion(state: ServerState, request: Request):
     params = sampling_params(req, max_tokens, num_logprobs, meta.spec)
 
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
-    model = req.model or engine.served_model_name
+    model = lora or engine.served_model_name  # the served name, whatever `model` said
     timer = state.metrics.timer()
     stream = OutputStream(engine, [Job(request_id, prompt_ids, params, lora)], deadline, timeout_s, timer)
     if not req.stream:

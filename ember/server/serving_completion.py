@@ -33,6 +33,12 @@ from ember.server.structured import build_spec, needs_structured_work, warm_gram
 async def _prompts(state: ServerState, req: CompletionRequest) -> list[tuple[str, list[int]]]:
     """(prompt text, prompt token ids) for each prompt of the request."""
     p = req.prompt
+    if p is None:  # OpenAI's default prompt is its document separator: start a document unconditioned
+        tok = state.tokenizer
+        start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        if start is None:
+            raise InvalidRequestError("prompt is required: this model's tokenizer has no BOS or EOS token to start from.", param="prompt")
+        p = [start]
     if isinstance(p, str):
         items: list = [p]
     elif p and isinstance(p[0], int):
@@ -58,7 +64,7 @@ async def _prompts(state: ServerState, req: CompletionRequest) -> list[tuple[str
 async def create_completion(state: ServerState, request: Request):
     req: CompletionRequest = await parse_body(CompletionRequest, request)
     engine, settings = state.engine, state.settings
-    lora = resolve_lora(req.model, engine)
+    lora = resolve_lora(req.model, engine, settings.strict_model_name)
     check_supported(req)
     check_limits(req, settings)
     deadline, timeout_s = parse_deadline(request.headers)
@@ -74,7 +80,7 @@ async def create_completion(state: ServerState, request: Request):
         jobs.append(Job(f"{request_id}-{i}", ids, sampling_params(req, max_tokens, num_logprobs, spec), lora))
     if req.echo:  # token-id prompts are echoed as their decoded text
         prompts = [(text if text is not None else state.tokenizer.decode(ids), ids) for text, ids in prompts]
-    model = req.model or engine.served_model_name
+    model = lora or engine.served_model_name  # the served name, whatever `model` said
     timer = state.metrics.timer()
     stream = OutputStream(engine, jobs, deadline, timeout_s, timer)
     if not req.stream:

@@ -45,7 +45,6 @@ CASES = [
     ("temperature-huge", CHAT, chat(temperature=1e9), 400, "temperature", None),
     ("temperature-string", CHAT, chat(temperature="hot"), 400, "temperature", None),
     ("temperature-nan", CHAT, b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', 400, None, None),
-    ("top-p-zero", CHAT, chat(top_p=0), 400, "top_p", None),
     ("top-p-above-one", COMP, comp(top_p=1.5), 400, "top_p", None),
     ("top-k-negative", COMP, comp(top_k=-5), 400, "top_k", None),
     ("min-p-above-one", COMP, comp(min_p=2), 400, "min_p", None),
@@ -77,7 +76,6 @@ CASES = [
     ("stream-not-bool", CHAT, chat(stream="often"), 400, "stream", None),
     ("stream-options-wrong-type", CHAT, chat(stream=True, stream_options="usage"), 400, "stream_options", None),
     ("response-format-unknown-type", CHAT, chat(response_format={"type": "xml"}), 400, None, None),
-    ("missing-prompt", COMP, {"max_tokens": 4}, 400, "prompt", "missing_required_parameter"),
     ("empty-prompt-list", COMP, comp(prompt=[]), 400, "prompt", None),
     ("empty-prompt-string", COMP, comp(prompt=""), 400, "prompt", None),
     ("prompt-wrong-type", COMP, comp(prompt={"text": "hi"}), 400, "prompt", None),
@@ -95,7 +93,7 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def server():
-    with real_server(api_key=API_KEY, max_body_bytes=MAX_BODY) as s:
+    with real_server(api_key=API_KEY, max_body_bytes=MAX_BODY, strict_model_name=True) as s:  # strict: unknown models are 404s
         yield s
 
 

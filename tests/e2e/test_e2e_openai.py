@@ -195,7 +195,7 @@ def test_async_concurrent(server):
 
 def test_errors_map_to_sdk_exceptions(sdk, server):
     with pytest.raises(openai.NotFoundError) as exc:
-        sdk.chat.completions.create(model="no-such-model", messages=MSGS)
+        sdk.models.retrieve("no-such-model")
     assert exc.value.code == "model_not_found"
     with pytest.raises(openai.BadRequestError) as exc:
         sdk.completions.create(model=server.model, prompt=PROMPT, max_tokens=5000)

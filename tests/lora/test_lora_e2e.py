@@ -25,7 +25,8 @@ def server(lora_models, tmp_path_factory):
     base, adapters = lora_models["llama"]
     runtime_root = tmp_path_factory.mktemp("runtime_adapters")
     shutil.copytree(adapters["qv-r8"], runtime_root / "late")
-    cfg = load_config(lora_config(base, adapters, api_key=API_KEY, lora_runtime_dir=str(runtime_root)))
+    cfg = load_config(lora_config(base, adapters, api_key=API_KEY, lora_runtime_dir=str(runtime_root),
+                                 strict_model_name=True))  # strict: a name that is no adapter is a 404, not the base model
     engine = AsyncLLM(cfg)
     with running(LiveServer(create_app(engine, cfg), stop_timeout_s=30.0)) as live:
         yield live.url, engine, base, adapters

@@ -100,9 +100,47 @@ async def test_default_max_tokens(engine):
     async with asgi_client(create_app(engine, make_cfg(request_default_max_tokens=7))) as c:
         await c.post("/v1/completions", json={"prompt": "abc"})
     assert engine.calls[-1].params.max_tokens == 7
+    async with asgi_client(create_app(engine, make_cfg(request_default_max_tokens=700))) as c:
+        await c.post("/v1/chat/completions", json={"messages": MSGS})
+        assert engine.calls[-1].params.max_tokens == engine.max_model_len - len(engine.calls[-1].prompt)  # never past the context
     async with asgi_client(create_app(engine, make_cfg())) as c:
-        await c.post("/v1/completions", json={"prompt": "abc"})
-    assert engine.calls[-1].params.max_tokens == engine.max_model_len - 3
+        r = await c.post("/v1/completions", json={"prompt": "abc"})
+        assert engine.calls[-1].params.max_tokens == 16  # OpenAI's completions default
+        await c.post("/v1/chat/completions", json={"messages": MSGS})
+        assert engine.calls[-1].params.max_tokens == engine.max_model_len - len(engine.calls[-1].prompt)  # chat: the rest of the context
+
+
+NULLABLE_CHAT = ["n", "max_tokens", "max_completion_tokens", "temperature", "top_p", "presence_penalty", "frequency_penalty",
+                 "seed", "stop", "stream", "stream_options", "logit_bias", "user", "response_format", "logprobs", "top_logprobs",
+                 "tools", "tool_choice", "parallel_tool_calls", "model"]
+NULLABLE_COMPLETION = ["prompt", "echo", "logprobs", "best_of", "suffix", "n", "max_tokens", "temperature", "top_p",
+                       "presence_penalty", "frequency_penalty", "seed", "stop", "stream", "stream_options", "logit_bias", "user"]
+
+
+async def test_null_means_absent(client, engine):
+    """Every field OpenAI marks nullable accepts an explicit null, and it means the default."""
+    r = await client.post("/v1/chat/completions", json={"messages": MSGS, **{k: None for k in NULLABLE_CHAT}})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == engine.reply
+    r = await client.post("/v1/completions", json={**{k: None for k in NULLABLE_COMPLETION}})
+    assert r.status_code == 200, r.text
+    call = engine.calls[-1]
+    assert call.prompt == [engine.tokenizer.bos_token_id] and call.params.max_tokens == 16 and call.params.n == 1
+
+
+async def test_any_model_name_serves_the_base_model(client, engine):
+    """Baseten's rule: `model` may be any string; an adapter's name selects the adapter; responses name what served."""
+    for name in ("not-required", "model", "gpt-4o"):
+        r = await client.post("/v1/chat/completions", json={"model": name, "messages": MSGS, "max_tokens": 2})
+        assert r.status_code == 200 and r.json()["model"] == "fake-model"
+        assert engine.calls[-1].lora_name is None
+    r = await client.post("/v1/completions", json={"model": "fake-lora", "prompt": "x", "max_tokens": 2})
+    assert r.json()["model"] == "fake-lora" and engine.calls[-1].lora_name == "fake-lora"
+
+
+async def test_top_p_zero_is_greedy(client, engine):
+    r = await client.post("/v1/completions", json={"prompt": "x", "top_p": 0, "temperature": 0.8, "max_tokens": 2})
+    assert r.status_code == 200 and engine.calls[-1].params.is_greedy
 
 
 def test_settings_from_the_real_config():
@@ -175,14 +213,14 @@ async def test_request_chat_template_needs_trust(engine):
 
 async def test_metrics_series(client):
     await client.post("/v1/chat/completions", json={"messages": MSGS, "max_tokens": 3})
-    await client.post("/v1/chat/completions", json={"messages": MSGS, "model": "nope"})
+    await client.post("/v1/chat/completions", json={"messages": MSGS, "n": 99})
     text = (await client.get("/metrics")).text
     for series in (
         "ember_num_requests_running 1.0", "ember_num_requests_waiting 2.0", "ember_kv_cache_usage_perc 0.25",
         "ember_prefix_cache_hit_rate 0.4", "ember_prompt_tokens_total 1234.0", "ember_generation_tokens_total 567.0",
         "ember_spec_decode_acceptance_rate 0.7", "ember_time_to_first_token_seconds_count 1.0",
         "ember_inter_token_latency_seconds_count 2.0", "ember_e2e_request_latency_seconds_count 1.0",
-        'ember_request_success_total{finished_reason="length"} 1.0', 'ember_request_errors_total{status="404"} 1.0',
+        'ember_request_success_total{finished_reason="length"} 1.0', 'ember_request_errors_total{status="400"} 1.0',
         "ember_engine_healthy 1.0",
     ):
         assert series in text, series

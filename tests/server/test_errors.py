@@ -49,7 +49,7 @@ CHAT_BAD = [
     ({"top_logprobs": 2}, "top_logprobs"),
     ({"temperature": 2.5}, "temperature"),
     ({"temperature": "hot"}, "temperature"),
-    ({"top_p": 0}, "top_p"),
+    ({"top_p": -0.1}, "top_p"),
     ({"top_k": -2}, "top_k"),
     ({"min_p": 1.5}, "min_p"),
     ({"presence_penalty": 3}, "presence_penalty"),
@@ -94,13 +94,12 @@ COMPLETION_BAD = [
     ({"logprobs": 21}, "logprobs"),
     ({"best_of": 3}, "best_of"),
     ({"suffix": "!"}, "suffix"),
-    (None, "prompt"),  # missing
 ]
 
 
 @pytest.mark.parametrize("body,param", COMPLETION_BAD)
 async def test_completion_bounds(limited, engine, body, param):
-    r = await limited.post("/v1/completions", json={"model": "fake-model"} if body is None else {"prompt": "hi", **body})
+    r = await limited.post("/v1/completions", json={"prompt": "hi", **body})
     assert_error(r, 400, param=param)
     assert not engine.calls
 
@@ -132,13 +131,16 @@ async def test_malformed_bodies(client, content, status, code):
     assert_error(r, status, code=code)
 
 
-async def test_routes_and_model(client):
-    assert_error(await client.get("/v1/nothing"), 404, code="not_found")
-    assert_error(await client.get("/v1/chat/completions"), 405)
-    r = await client.post("/v1/chat/completions", json={"model": "gpt-9", "messages": MSGS})
-    assert_error(r, 404, param="model", code="model_not_found")
-    r = await client.post("/v1/completions", json={"model": "gpt-9", "prompt": "x"})
-    assert_error(r, 404, code="model_not_found")
+async def test_routes_and_model(engine):
+    async with asgi_client(create_app(engine, make_cfg(strict_model_name=True))) as client:
+        assert_error(await client.get("/v1/nothing"), 404, code="not_found")
+        assert_error(await client.get("/v1/chat/completions"), 405)
+        r = await client.post("/v1/chat/completions", json={"model": "gpt-9", "messages": MSGS})
+        assert_error(r, 404, param="model", code="model_not_found")
+        r = await client.post("/v1/completions", json={"model": "gpt-9", "prompt": "x"})
+        assert_error(r, 404, code="model_not_found")
+        r = await client.post("/tokenize", json={"model": "gpt-9", "prompt": "x"})
+        assert_error(r, 404, code="model_not_found")
 
 
 async def test_api_key(engine):

@@ -72,7 +72,7 @@ def test_sdk_streams(sdk, engine):
 
 def test_sdk_errors(sdk, engine, live):
     with pytest.raises(openai.NotFoundError) as exc:
-        sdk.chat.completions.create(model="gpt-9", messages=MSGS)
+        sdk.models.retrieve("gpt-9")
     assert exc.value.code == "model_not_found"
     with pytest.raises(openai.BadRequestError) as exc:
         sdk.completions.create(model="fake-model", prompt="x" * 600)
