@@ -134,7 +134,7 @@ async def _encode(state: ServerState, request: Request, engine, items: list[Enco
 async def create_embeddings(state: ServerState, request: Request) -> JSONResponse:
     req: EmbeddingRequest = await parse_body(EmbeddingRequest, request)
     engine = _encoder(state, "embed", "/v1/embeddings")
-    resolve_lora(req.model, engine)
+    resolve_lora(req.model, engine, state.settings.strict_model_name)
     inp = req.input
     if isinstance(inp, list) and not inp:
         raise InvalidRequestError("'input' is an empty list; send at least one input.", param="input")
@@ -157,7 +157,7 @@ async def create_embeddings(state: ServerState, request: Request) -> JSONRespons
             rows = torch.nn.functional.normalize(rows, p=2, dim=-1)
     data = [EmbeddingData(index=i, embedding=_encode_row(row, req.encoding_format)) for i, row in enumerate(rows)]
     num_tokens = sum(len(x.token_ids) for x in items)
-    body = EmbeddingResponse(data=data, model=req.model or engine.served_model_name,
+    body = EmbeddingResponse(data=data, model=engine.served_model_name,
                              usage=EmbeddingUsage(prompt_tokens=num_tokens, total_tokens=num_tokens))
     return JSONResponse(body.model_dump(mode="json"))
 
@@ -173,7 +173,7 @@ def _encode_row(row: torch.Tensor, encoding_format: str):
 async def create_rerank(state: ServerState, request: Request) -> JSONResponse:
     req: RerankRequest = await parse_body(RerankRequest, request)
     engine = _encoder(state, "classify", "/rerank")
-    resolve_lora(req.model, engine)
+    resolve_lora(req.model, engine, state.settings.strict_model_name)
     if engine.spec.num_labels != 1:
         raise InvalidRequestError(f"{engine.served_model_name} has {engine.spec.num_labels} labels; /rerank needs a "
                                   "cross-encoder with one (use /predict).", param="model")
@@ -191,7 +191,7 @@ async def create_rerank(state: ServerState, request: Request) -> JSONResponse:
 async def create_predict(state: ServerState, request: Request) -> JSONResponse:
     req: PredictRequest = await parse_body(PredictRequest, request)
     engine = _encoder(state, "classify", "/predict")
-    resolve_lora(req.model, engine)
+    resolve_lora(req.model, engine, state.settings.strict_model_name)
     is_single = isinstance(req.inputs, str)
     inputs = [req.inputs] if is_single else req.inputs
     if not inputs:

@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse
 
 from ember.errors import EmberError
 from ember.server.responses_protocol import CHAT_TO_RESPONSES_PARAM, ResponsesRequest, to_chat_body
+from ember.server.limits import resolve_lora
 from ember.server.serving import ServerState, parse_body
 from ember.server.serving_chat import create_chat_completion
 from ember.server.streaming import SSEResponse
@@ -46,7 +47,7 @@ async def create_response(state: ServerState, request: Request):
         exc.param = _responses_param(exc.param)
         raise
     resp_id = f"resp_{uuid.uuid4().hex}"
-    model = req.model or state.engine.served_model_name
+    model = resolve_lora(req.model, state.engine, state.settings.strict_model_name) or state.engine.served_model_name
     if not req.stream:
         completion = json.loads(chat.body)
         items, status, reason = _items_from_message(completion["choices"][0], resp_id)
