@@ -56,11 +56,16 @@ def _to_padded(x: torch.Tensor, meta: EncoderMetadata) -> torch.Tensor:
 
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: EncoderMetadata, *, scale: float,
-                    is_causal: bool, logit_softcap: float | None = None) -> torch.Tensor:
-    """q [T, Hq, D], k/v [T, Hk, D] (packed) -> [T, Hq, D]: each sequence attends to its own tokens."""
+                    is_causal: bool, logit_softcap: float | None = None, window: int | None = None) -> torch.Tensor:
+    """q [T, Hq, D], k/v [T, Hk, D] (packed) -> [T, Hq, D]: each sequence attends to its own tokens (only those
+    within `window` positions either side, when set: ModernBERT's local layers)."""
     num_tokens, hq, d = q.shape
     qp, kp, vp = _to_padded(q, meta), _to_padded(k, meta), _to_padded(v, meta)  # [B, H, L, D]
     mask = meta.key_mask
+    if window is not None and meta.max_seq_len > window + 1:
+        pos = torch.arange(meta.max_seq_len, device=q.device)
+        band = (pos.unsqueeze(0) - pos.unsqueeze(1)).abs() <= window  # [L, L]
+        mask = band if mask is None else mask & band  # [B, 1, L, L] or [L, L]
     if mask is not None and is_causal:
         length = meta.max_seq_len
         mask = mask & torch.ones(length, length, dtype=torch.bool, device=q.device).tril()  # [B, 1, L, L]

@@ -15,6 +15,7 @@ from torch import nn
 
 from ember.encoder.bert import BertEncoderModel
 from ember.encoder.causal import CausalEncoderModel, decoder_architecture
+from ember.encoder.modernbert import ModernBertEncoderModel
 from ember.layers.linear import Linear
 
 logger = logging.getLogger(__name__)
@@ -28,6 +29,9 @@ _BERT_ARCHITECTURES = {
     "RobertaForSequenceClassification": ("roberta.", "roberta"),
     "XLMRobertaModel": ("roberta.", None),
     "XLMRobertaForSequenceClassification": ("roberta.", "roberta"),
+    "ModernBertModel": ("model.", None),
+    "ModernBertForMaskedLM": ("model.", None),
+    "ModernBertForSequenceClassification": ("model.", "modernbert"),
 }
 # (checkpoint name part, our name part, shard): q/k/v load into the fused qkv
 _BERT_STACKED = ((".attention.self.query.", ".attention.self.qkv.", 0),
@@ -46,7 +50,7 @@ class EncoderSpec:
     labels: list[str]  # classify: label names by index (config id2label)
 
 
-def supported_architectures() -> list[str]:
+def supported_architectures() -> list[str]:  # noqa: D401 - for error messages
     causal = [f"{f}{s}" for f in ("Llama", "Mistral", "Qwen2", "Qwen3") for s in ("Model", "ForCausalLM", "ForSequenceClassification")]
     return sorted(_BERT_ARCHITECTURES) + causal
 
@@ -54,7 +58,9 @@ def supported_architectures() -> list[str]:
 def build_encoder_model(architecture: str, hf_config, dtype: torch.dtype, device) -> tuple[nn.Module, EncoderSpec]:
     """An empty (unloaded) encoder for the checkpoint's architecture and what it serves."""
     is_classifier = architecture.endswith("ForSequenceClassification")
-    if architecture in _BERT_ARCHITECTURES:
+    if architecture.startswith("ModernBert") and architecture in _BERT_ARCHITECTURES:
+        model = ModernBertEncoderModel(hf_config, dtype, device, head=_BERT_ARCHITECTURES[architecture][1])
+    elif architecture in _BERT_ARCHITECTURES:
         model = BertEncoderModel(hf_config, dtype, device, head=_BERT_ARCHITECTURES[architecture][1])
     elif decoder_architecture(architecture) is not None:
         model = CausalEncoderModel(hf_config, architecture, dtype, device, has_score=is_classifier)
@@ -81,7 +87,8 @@ def load_encoder_weights(model: nn.Module, architecture: str, weights: Iterable[
     unexpected: list[str] = []
     for hf_name, tensor in weights:
         name = hf_name[len(prefix):] if hf_name.startswith(prefix) else hf_name
-        if name.startswith(_BERT_UNUSED) or (name.startswith("pooler.") and model.head != "bert"):
+        if name.startswith(_BERT_UNUSED) or (name.startswith("pooler.") and getattr(model, "head", None) != "bert") or (
+                architecture == "ModernBertForMaskedLM" and name.startswith(("head.", "decoder."))):
             continue  # MLM heads, stored position ids, and a pooler that only BertForSequenceClassification uses
         if name.startswith("LayerNorm.") or ".LayerNorm." in name:
             name = name.replace(".gamma", ".weight").replace(".beta", ".bias")  # very old checkpoints

@@ -95,3 +95,31 @@ def encoder_config(path: Path, base_model: str = "encoder_bert", **ember):
     return load_config({"model_name": "enc", "trt_llm": {"build": {"base_model": base_model, "max_num_tokens": 256,
                                               "checkpoint_repository": {"source": "LOCAL", "repo": str(path)}}},
                         "ember": {"dtype": "float32", "device": "cpu", **ember}})
+
+
+def modernbert_config(**kw):
+    from transformers import ModernBertConfig
+
+    return ModernBertConfig(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                            local_attention=8, global_attn_every_n_layers=2, max_position_embeddings=128, pad_token_id=0,
+                            bos_token_id=2, eos_token_id=3, cls_token_id=2, sep_token_id=3, **kw)
+
+
+@pytest.fixture(scope="session")
+def modernbert_mean_dir(tmp_path_factory) -> Path:
+    """ModernBertModel (local layers with a 4-token band) + mean pooling + Normalize."""
+    import torch
+    from transformers import ModernBertModel
+
+    torch.manual_seed(4)
+    return _save(ModernBertModel(modernbert_config()).eval(), tmp_path_factory.mktemp("modernbert_mean"), "mean")
+
+
+@pytest.fixture(scope="session")
+def modernbert_classifier_dir(tmp_path_factory) -> Path:
+    import torch
+    from transformers import ModernBertForSequenceClassification
+
+    torch.manual_seed(5)
+    model = ModernBertForSequenceClassification(modernbert_config(num_labels=2, classifier_pooling="mean")).eval()
+    return _save(model, tmp_path_factory.mktemp("modernbert_cls"), None)

@@ -29,7 +29,8 @@ def _assert_close(ours, ref):
     torch.testing.assert_close(ours, ref.float(), atol=1e-4, rtol=1e-3)
 
 
-@pytest.mark.parametrize("fixture,base_model", [("bert_mean_dir", "encoder_bert"), ("qwen3_last_dir", "encoder")])
+@pytest.mark.parametrize("fixture,base_model", [("bert_mean_dir", "encoder_bert"), ("qwen3_last_dir", "encoder"),
+                                                ("modernbert_mean_dir", "encoder_bert")])
 def test_embedders_match_sentence_transformers(fixture, base_model, request):
     from sentence_transformers import SentenceTransformer
 
@@ -74,13 +75,15 @@ def test_cross_encoder_matches_transformers(bert_reranker_dir):
     _assert_close(ours, ref)
 
 
-def test_xlmr_classifier_matches_transformers(xlmr_classifier_dir):
+@pytest.mark.parametrize("fixture", ["xlmr_classifier_dir", "modernbert_classifier_dir"])
+def test_classifiers_match_transformers(fixture, request):
     from transformers import AutoModelForSequenceClassification
 
-    setup = build_encoder_setup(encoder_config(xlmr_classifier_dir))
-    assert setup.spec.labels == ["negative", "neutral", "positive"]
+    path = request.getfixturevalue(fixture)
+    setup = build_encoder_setup(encoder_config(path))
+    assert setup.spec.task == "classify" and len(setup.spec.labels) == setup.spec.num_labels > 1
     ours = setup.runner.run(_inputs(setup.tokenizer, TEXTS))
-    hf = AutoModelForSequenceClassification.from_pretrained(xlmr_classifier_dir).eval()
+    hf = AutoModelForSequenceClassification.from_pretrained(path).eval()
     with torch.no_grad():
         ref = torch.cat([hf(**setup.tokenizer(t, return_tensors="pt")).logits for t in TEXTS])
     _assert_close(ours, ref)
