@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ember.bench import gpu, invariance, offline, serve
+from ember.bench import gpu, int4, invariance, offline, serve
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -15,6 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_args(sub.add_parser("serve", help="TTFT/TPOT/ITL/latency/throughput/goodput against an OpenAI-compatible server"))
     gpu.add_args(sub.add_parser("gpu", help="a published architecture with random weights: decode/prefill tok/s "
                                             "vs transformers and the device's measured limits"))
+    int4.add_args(sub.add_parser("int4", help="the int4 CPU matmuls vs bf16 per batch size, on a model's Linear shapes"))
     args = parser.parse_args(argv)
     if args.mode == "offline":
         offline.main(args)
@@ -24,4 +25,6 @@ def main(argv: list[str] | None = None) -> int:
         serve.main(args)
     elif args.mode == "gpu":
         gpu.main(args)
+    elif args.mode == "int4":
+        int4.main(args)
     return 0

@@ -20,6 +20,8 @@ from tqdm import tqdm
 
 from ember.build.calib_data import HELD_OUT_SET
 from ember.build.calibration import BuildError, calibrate, load_texts, tokenize_samples
+from ember.build.gptq import collect_hessians, gptq_quantize
+from ember.build.int4_sources import lossless_int4_layers
 from ember.build.engine_dir import (FORMAT, FORMAT_VERSION, MANIFEST, EngineCheckpoint, file_entries,
                                     is_engine_dir, load_engine, write_weights)
 from ember.build.quality import compare_models, format_report
@@ -27,6 +29,7 @@ from ember.checkpoint import load_checkpoint, resolve_checkpoint_path
 from ember.layers.linear import Linear
 from ember.layers.quant import QUANT_SCHEMES, QuantizedMethod, make_quant_method
 from ember.layers.quant.fp8 import FP8_MAX
+from ember.layers.quant.int4 import Int4Method
 from ember.models.registry import get_model_class
 from ember.worker.device import resolve_device, resolve_dtype
 
@@ -111,23 +114,37 @@ def build_engine(cfg, output_dir: str | Path, *, int4_group_size: int = 128, num
     model = _load_model(ckpt, dtype, device)
     plan = plan_layers(model, qtype, int4_group_size)
     attn = attention_paths(model)
-    for note in dict.fromkeys(m.compute_note(device) for m in plan.values()):
-        log(f"  {note}")
     if scheme.kv_cache_dtype is not None:
         log(f"  KV cache: {_dtype_name(scheme.kv_cache_dtype)} with per-layer calibrated scales "
             "(dequantized when attention reads it)")
     if qtype == "fp8_kv" and ckpt.architecture == "Qwen2ForCausalLM":
         log("  warning: Qwen2's q/k/v bias makes it sensitive to an fp8 KV cache; plain fp8 usually keeps more quality")
 
+    # ---- int4: Linears already on a 4-bit grid in the file keep it; the others are rounded with GPTQ
+    lossless = lossless_int4_layers(model, ckpt, list(plan)) if scheme.weight_format == "int4" else {}
+    for path, kept in lossless.items():
+        plan[path] = kept.method
+    gptq_paths = [p for p, m in plan.items() if isinstance(m, Int4Method) and p not in lossless]
+    if scheme.weight_format == "int4":
+        kinds = sorted({t for kept in lossless.values() for t in kept.source_types})
+        log(f"  int4: {len(lossless)} of {len(plan)} layers keep the file's {'/'.join(kinds) or '4-bit'} grid "
+            f"exactly (group 32); {len(gptq_paths)} are rounded with GPTQ over the calibration text")
+    for note in dict.fromkeys(m.compute_note(device) for m in plan.values()):
+        log(f"  {note}")
+
     # ---- calibration
     needs_inputs = [p for p, m in plan.items() if m.needs_activation_scale]
     calib = None
-    if needs_inputs or scheme.kv_cache_dtype is not None:
+    hessians: dict[str, torch.Tensor] = {}
+    if needs_inputs or scheme.kv_cache_dtype is not None or gptq_paths:
         max_len = min(qcfg.calib_max_seq_length, ckpt.max_position_embeddings or qcfg.calib_max_seq_length)
         samples = tokenize_samples(tokenizer, load_texts(qcfg.calib_dataset), qcfg.calib_size, max_len)
         if not samples:
             raise BuildError(f"trt_llm.build.quantization_config.calib_dataset: no sample has 2 or more tokens")
-        calib = calibrate(model, samples, needs_inputs, attn, progress=progress)
+        if needs_inputs or scheme.kv_cache_dtype is not None:
+            calib = calibrate(model, samples, needs_inputs, attn, progress=progress)
+        if gptq_paths:
+            hessians = collect_hessians(model, samples, gptq_paths, progress=progress)
 
     # ---- quantize: every tensor under ember's names, covered Linears in their format
     tensors: dict[str, torch.Tensor] = {}
@@ -139,7 +156,13 @@ def build_engine(cfg, output_dir: str | Path, *, int4_group_size: int = 128, num
     for path, method in tqdm(plan.items(), desc=f"quantizing ({qtype})", unit="layer", disable=not progress):
         layer = model.get_submodule(path)
         amax = calib.input_amax.get(path) if calib is not None else None
-        for key, t in method.quantize(layer.weight.detach(), input_amax=amax).items():
+        if path in lossless:
+            stored = lossless[path].tensors
+        elif path in hessians:
+            stored = gptq_quantize(method, layer.weight.detach(), hessians.pop(path))
+        else:
+            stored = method.quantize(layer.weight.detach(), input_amax=amax)
+        for key, t in stored.items():
             tensors[f"{path}.{key}"] = t
         layers_manifest[path] = {"method": method.name, **method.params()}
     kv_scales = []
@@ -155,6 +178,8 @@ def build_engine(cfg, output_dir: str | Path, *, int4_group_size: int = 128, num
         "kv_cache_dtype": _dtype_name(scheme.kv_cache_dtype) if scheme.kv_cache_dtype is not None else None,
         "kv_cache_scales": kv_scales,
         "compute": {m.name: m.compute_note(device) for m in plan.values()},
+        "int4_grids": None if scheme.weight_format != "int4" else {
+            "lossless": {p: kept.source_types for p, kept in lossless.items()}, "gptq": gptq_paths},
         "calibration": None if calib is None else {
             "dataset": qcfg.calib_dataset or "ember-mix", "calib_size": qcfg.calib_size,
             "calib_max_seq_length": qcfg.calib_max_seq_length,

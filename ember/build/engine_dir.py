@@ -26,7 +26,8 @@ from ember.checkpoint.loader import Checkpoint
 
 MANIFEST = "manifest.json"
 FORMAT = "ember-engine"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: int4 stores (scale, min) per group as [out, G] (GGUF's grid); 1 stored (scale, zero) [G, out, 2]
+READABLE_VERSIONS = (1, 2)  # a version-1 engine loads unless it holds int4 layers
 MAX_SHARD_BYTES = 2 << 30
 
 
@@ -82,9 +83,15 @@ def read_manifest(path: Path) -> dict:
                                 "`ember build`") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise EngineFormatError(f"engine {path}: {MANIFEST} is not an ember engine manifest (format is not {FORMAT!r})")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise EngineFormatError(f"engine {path}: format_version {manifest.get('format_version')!r} is not supported "
-                                f"by this ember (it reads version {FORMAT_VERSION}); rebuild the engine")
+    version = manifest.get("format_version")
+    if version not in READABLE_VERSIONS:
+        raise EngineFormatError(f"engine {path}: format_version {version!r} is not supported by this ember (it reads "
+                                f"versions {', '.join(map(str, READABLE_VERSIONS))}); rebuild the engine")
+    layers = (manifest.get("quantization") or {}).get("layers") or {}
+    if version == 1 and any(spec.get("method") == "int4" for spec in layers.values()):
+        raise EngineFormatError(f"engine {path}: an int4 engine of format_version 1 stores its weights in a layout "
+                                "this ember no longer reads (int4 now keeps a GGUF's 4-bit grid exactly); rebuild it "
+                                "with `ember build`")
     return manifest
 
 

@@ -10,12 +10,16 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ember.checkpoint.gguf_meta import gguf_eos_token_ids, gguf_hf_config, gguf_tokenizer
 from ember.checkpoint.gguf_reader import GGUFFile, read_gguf
 from ember.checkpoint.gguf_weights import gguf_architecture, iter_gguf_weights
+
+if TYPE_CHECKING:
+    from ember.checkpoint.gguf_grid import Int4Grid
 
 
 @dataclass
@@ -37,6 +41,15 @@ class Checkpoint:
         if self._gguf is not None:
             return iter_gguf_weights(self._gguf, self.hf_config)
         return _iter_safetensors(self.path)
+
+    def iter_int4_grids(self) -> Iterator[tuple[str, "Int4Grid"]]:
+        """Yield (hf_name, grid) for each weight the file stores on a 4-bit grid (GGUF Q4_0/Q4_1/Q4_K), so a
+        4-bit build can keep it exactly; nothing for other formats."""
+        if self._gguf is None:
+            return iter(())
+        from ember.checkpoint.gguf_grid import iter_gguf_int4_grids
+
+        return iter_gguf_int4_grids(self._gguf, self.hf_config)
 
     def load_tokenizer(self):
         """The checkpoint's tokenizer as a transformers PreTrainedTokenizerFast (never from the hub)."""

@@ -45,11 +45,10 @@ def test_cpu_kernels_match_dequantize_and_matmul(name):
     ref, q, x = _pair(name, torch.float32, bias=True)
     assert q.quant_method.is_native(torch.device("cpu"))
     if name == "int4":
-        assert q.kernel_scale_zero is not None  # `weight` now holds the kernel's packed layout
-        q2 = _pair(name, torch.float32, bias=True)[1]
-        q2.kernel_scale_zero = None
-        q2.weight.data = q2.quant_method.quantize(ref.weight)["weight"]  # back to the portable layout
-        dense = q2.quant_method.dequantize(q2)
+        assert q.cpu_kernel is not None  # `weight` now holds the kernel's packed layout
+        dense = q.quant_method.dequantize_stored(**{
+            {"weight": "weight", "weight_scale": "scale", "weight_min": "minimum"}[k]: t
+            for k, t in q.quant_method.quantize(ref.weight).items()})  # from the portable layout
     else:
         dense = q.quant_method.dequantize(q)
     want = torch.nn.functional.linear(x, dense, q.bias)

@@ -1,0 +1,81 @@
+"""`ember bench int4`: the int4 CPU matmuls against the bf16 one, per batch size, on a model's Linear shapes.
+
+For each number of rows it times, over every distinct (out, in) of the model's quantizable Linears: torch's int4
+kernel, dequantize + GEMM (the two paths `ember.layers.quant.int4_cpu` chooses between) and the bf16 packed
+oneDNN matmul an unquantized engine runs; the sum over one forward's Linears is printed as a ratio to bf16.
+This is where `int4_cpu.MAX_GEMV_ROWS` comes from.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+def add_args(p) -> None:
+    p.add_argument("model", nargs="?", default=None, help="config, model dir, .gguf or engine dir (default model)")
+    p.add_argument("--rows", default="1,2,4,8,12,16,32,64", help="comma-separated batch sizes")
+    p.add_argument("--group-size", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--threads", type=int, default=None)
+
+
+def _time(fn, repeats: int) -> float:
+    """Fastest of `repeats` calls after two warm-up calls (on a shared machine the minimum is the stable figure)."""
+    fn(), fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def layer_shapes(model_source) -> dict[tuple[int, int], int]:
+    """(out, in) -> how many Linears of one forward have it (the output head excluded)."""
+    from ember.checkpoint import load_checkpoint, resolve_checkpoint_path
+    from ember.config import load_config
+    from ember.layers.linear import Linear
+    from ember.models.registry import get_model_class
+
+    ckpt = load_checkpoint(resolve_checkpoint_path(load_config(model_source).trt_llm.build.checkpoint_repository))
+    with torch.device("meta"):
+        model = get_model_class(ckpt.architecture)(ckpt.hf_config, dtype=torch.bfloat16, device="meta")
+    counts: dict[tuple[int, int], int] = {}
+    for path, m in model.named_modules():
+        if isinstance(m, Linear) and not path.endswith("lm_head"):
+            counts[(m.out_features, m.in_features)] = counts.get((m.out_features, m.in_features), 0) + 1
+    return counts
+
+
+def main(args) -> None:
+    from ember.layers.quant import int4_cpu
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shapes = layer_shapes(args.model)
+    rows_list = [int(r) for r in args.rows.split(",")]
+    torch.manual_seed(0)
+    totals = {r: {"int4 kernel": 0.0, "dequant+GEMM": 0.0, "bf16": 0.0} for r in rows_list}
+    for (out_f, in_f), count in shapes.items():
+        codes = torch.randint(0, 16, (out_f, in_f), dtype=torch.uint8)
+        scale = torch.rand(out_f, in_f // args.group_size) * 0.01
+        kernel = int4_cpu.Int4CPUKernel.create(codes, scale, -8 * scale, args.group_size, torch.bfloat16)
+        dense = kernel.dequantize(torch.bfloat16)
+        packed = torch.ops.mkldnn._reorder_linear_weight(dense, 1)
+        for rows in rows_list:
+            x = torch.randn(rows, in_f, dtype=torch.bfloat16)
+            t = totals[rows]
+            t["int4 kernel"] += count * _time(lambda: torch._weight_int4pack_mm_for_cpu(
+                x, kernel.packed, args.group_size, kernel.scale_zero), args.repeats)
+            t["dequant+GEMM"] += count * _time(lambda: x @ kernel.dequantize_t(torch.bfloat16), args.repeats)
+            t["bf16"] += count * _time(lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""),
+                                       args.repeats)
+    print(f"one forward's Linears ({sum(shapes.values())} of {len(shapes)} shapes), {torch.get_num_threads()} "
+          f"threads; ms, and the ratio to bf16 (lower is faster); MAX_GEMV_ROWS = {int4_cpu.MAX_GEMV_ROWS}")
+    print(f"{'rows':>5} {'int4 kernel':>18} {'dequant+GEMM':>18} {'bf16 packed':>12}")
+    for rows in rows_list:
+        t = totals[rows]
+        print(f"{rows:>5} {1e3 * t['int4 kernel']:>10.2f} ({t['int4 kernel'] / t['bf16']:4.2f}x)"
+              f" {1e3 * t['dequant+GEMM']:>10.2f} ({t['dequant+GEMM'] / t['bf16']:4.2f}x) {1e3 * t['bf16']:>12.2f}")
