@@ -102,6 +102,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=None, help="config YAML, model dir, .gguf or engine dir (default model if omitted)")
     p.add_argument("--task", choices=["generate", "embed"], default="generate",
                    help="embed: an encoder config (or BERT-base's shape if none) vs transformers, embeddings/s")
+    p.add_argument("--hf-dtype", default=None, help="--task embed: transformers' dtype (default: ember's)")
     p.add_argument("--num-prompts", type=int, default=64)
     p.add_argument("--input-len", type=int, default=32)
     p.add_argument("--output-len", type=int, default=128)
