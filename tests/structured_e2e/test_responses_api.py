@@ -51,8 +51,10 @@ def test_function_call_round_trip(client):
     assert len(done) == 1 and streamed == done[0].arguments == calls[0].arguments
     follow = ask + [{"type": "function_call", "call_id": calls[0].call_id, "name": "get_weather", "arguments": calls[0].arguments},
                     {"type": "function_call_output", "call_id": calls[0].call_id, "output": '{"temperature": 21}'}]
-    answer = client.responses.create(model=MODEL, input=follow, tools=[TOOL], tool_choice="none", max_output_tokens=20)
+    answer = client.responses.create(model=MODEL, input=follow, tools=[TOOL], tool_choice="none", max_output_tokens=2)
     assert answer.output_text and not [o for o in answer.output if o.type == "function_call"]
+    alone = client.responses.create(model=MODEL, input=ask, tools=[TOOL], tool_choice="none", max_output_tokens=1)
+    assert answer.usage.input_tokens > alone.usage.input_tokens + 10  # the call and its result are in the prompt
 
 
 def test_json_schema_format(client):
