@@ -208,18 +208,23 @@ def build_server(app: FastAPI, host: str | None = None, port: int | None = None,
     return EmberServer(config, state)
 
 
-def run_server(cfg) -> None:
-    """Serve `cfg` until SIGTERM/SIGINT: the real engine, cfg.ember.host and cfg.ember.port."""
+def build_engine(cfg):
+    """The engine `cfg` asks for: an EncoderEngine for base_model encoder / encoder_bert (embeddings, rerank,
+    classify: batched whole-sequence forwards, no KV cache), else AsyncLLM."""
     from ember.encoder import is_encoder_config
 
-    if is_encoder_config(cfg):  # embeddings / rerank / classify: batched whole-sequence forwards, no KV cache
+    if is_encoder_config(cfg):
         from ember.encoder.engine import EncoderEngine
 
-        engine = EncoderEngine(cfg)
-    else:
-        from ember.engine.async_engine import AsyncLLM
+        return EncoderEngine(cfg)
+    from ember.engine.async_engine import AsyncLLM
 
-        engine = AsyncLLM(cfg)
+    return AsyncLLM(cfg)
+
+
+def run_server(cfg) -> None:
+    """Serve `cfg` until SIGTERM/SIGINT: the real engine, cfg.ember.host and cfg.ember.port."""
+    engine = build_engine(cfg)
     app = create_app(engine, cfg)
     server = build_server(app)
     threading.Thread(target=_exit_when_engine_dies, args=(engine, server), name="ember-watchdog", daemon=True).start()

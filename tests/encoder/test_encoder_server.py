@@ -130,10 +130,13 @@ def test_performance_client_classify(xlmr_classifier_dir):
 
 def test_default_route_sends_predict_to_embeddings(bert_mean_dir):
     from ember.config import load_config
+    from ember.server.app import build_engine
 
     cfg = load_config({"trt_llm": {"build": {"base_model": "encoder_bert", "checkpoint_repository": {"source": "LOCAL", "repo": str(bert_mean_dir)}},
                                    "runtime": {"webserver_default_route": "/v1/embeddings"}},
                        "ember": {"dtype": "float32", "device": "cpu"}})
-    with running(LiveServer(create_app(EncoderEngine(cfg), cfg))) as server:
+    engine = build_engine(cfg)  # what `ember serve` builds for an encoder config
+    assert isinstance(engine, EncoderEngine)
+    with running(LiveServer(create_app(engine, cfg))) as server:
         r = httpx.post(server.url + "/predict", json={"input": ["paris"]})
     assert r.status_code == 200 and r.json()["object"] == "list" and len(r.json()["data"][0]["embedding"]) == 64
