@@ -314,13 +314,29 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slo-tpot-ms", type=float, default=None, help="goodput counts requests with TPOT at most this")
     p.add_argument("--plot", default=None, help="write a PNG of the results here (needs matplotlib)")
     p.add_argument("--json", action="store_true", help="print machine-readable results")
+    p.add_argument("--vs-offline", action="store_true",
+                   help="with --launch: first run the same engine offline at each concurrency as batch size, then compare")
 
 
 def main(args: argparse.Namespace) -> dict:
+    offline = None
+    if getattr(args, "vs_offline", False):
+        if not args.launch:
+            raise SystemExit("--vs-offline needs --launch (the offline run must use the served engine's config)")
+        from ember.bench.serve_offline import offline_levels
+
+        offline = offline_levels(args.launch_config, args.concurrency, args.input_len, args.output_len, args.seed)
     if args.launch:
         with launched_server(args.launch_config) as url:
-            return run(args, url)
-    return run(args, args.url)
+            res = run(args, url)
+    else:
+        res = run(args, args.url)
+    if offline is not None:
+        from ember.bench.serve_offline import format_comparison
+
+        print(format_comparison(res["levels"], offline))
+        res["offline"] = offline
+    return res
 
 
 def run(args: argparse.Namespace, url: str) -> dict:

@@ -1,151 +1,160 @@
-"""AsyncLLM: the engine driven from asyncio (the server uses it).
+"""AsyncLLM: the front end the server drives from asyncio. The engine core runs elsewhere: in its own process
+(`AsyncLLM(cfg)`, ember.engine.core_proc), or on a thread for an in-process LLMEngine (`AsyncLLM(engine=...)`).
 
-The LLMEngine runs on one background thread (torch releases the GIL during the forward, so the event
-loop stays responsive). Requests are tokenized and validated on the caller's side, then handed to the
-engine thread through an inbox; outputs come back through per-request asyncio queues. Nothing but the
-engine thread touches the scheduler.
+This side owns tokenization and validation (InputProcessor), the admission counter behind 429s, and
+detokenization, stop strings and n > 1 grouping (OutputProcessor). The core sends deltas with its stats;
+one reader on the event loop (the socket's fd) folds them in and hands each request its newest cumulative
+RequestOutput. A request's consumer waits only when nothing new is there (no future per token). Nothing here
+reads the core's objects: what /metrics shows arrives with the outputs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
-import queue
-import threading
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
-from ember.engine.llm_engine import LLMEngine
-from ember.errors import EmberError, EngineDeadError, QueueFullError, RequestTimeoutError
+from ember.engine.core_client import ProcessCoreClient, ThreadCoreClient
+from ember.engine.messages import EngineCoreOutputs, EngineStats, ErrorInfo
+from ember.engine.output_processor import OutputProcessor
+from ember.engine.processor import InputProcessor, seq_ids
+from ember.errors import EmberError, EngineDeadError, InvalidRequestError, QueueFullError, RequestTimeoutError
 from ember.outputs import RequestOutput
 from ember.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-HEALTH_POLL_S = 0.5  # with worker ranks, how often the idle engine loop checks they are alive
+__all__ = ["AsyncLLM", "EngineStats"]
 
 
-@dataclass
-class EngineStats:
-    num_running: int = 0
-    num_waiting: int = 0
-    kv_cache_usage: float = 0.0  # fraction of KV blocks in use
-    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
-    prefix_cache_hits: int = 0  # of those, tokens found
-    prompt_tokens_total: int = 0
-    generation_tokens_total: int = 0
-    num_draft_tokens_total: int = 0
-    num_accepted_tokens_total: int = 0
+class _Stream:
+    """One request's mailbox: only the newest output is kept (outputs are cumulative), or the error."""
+
+    __slots__ = ("latest", "event")
+
+    def __init__(self):
+        self.latest: RequestOutput | BaseException | None = None
+        self.event = asyncio.Event()
+
+    def put(self, item) -> None:
+        if not isinstance(self.latest, BaseException):
+            self.latest = item
+            self.event.set()
+
+    async def get(self):
+        while self.latest is None:
+            self.event.clear()
+            await self.event.wait()
+        item, self.latest = self.latest, None
+        return item
 
 
 class AsyncLLM:
-    def __init__(self, cfg=None, engine: LLMEngine | None = None):
-        if engine is None:
+    def __init__(self, cfg=None, engine=None):
+        if engine is not None:  # an in-process LLMEngine: its core runs on a thread of this process
+            self.cfg = engine.cfg
+            self.tokenizer = engine.tokenizer
+            self.client = ThreadCoreClient(engine)
+        else:
+            from ember.checkpoint import load_checkpoint, resolve_checkpoint_path
             from ember.config import load_config
 
-            cfg = cfg if cfg is not None else load_config(None)
-            engine = LLMEngine(cfg)
+            self.cfg = cfg if cfg is not None else load_config(None)
+            self.client = ProcessCoreClient(self.cfg)  # loads the model in its own process meanwhile
+            ckpt = load_checkpoint(resolve_checkpoint_path(self.cfg.trt_llm.build.checkpoint_repository))
+            self.tokenizer = ckpt.load_tokenizer()
         self.engine = engine
-        self.cfg = engine.cfg
-        self.tokenizer = engine.tokenizer
-        self.chat_template = engine.setup.chat_template
-        self.max_model_len = engine.max_model_len
+        info = self.client.info
+        self.chat_template = info.chat_template
+        self.max_model_len = info.max_model_len
         self.served_model_name = self.cfg.served_model_id
         self.max_queue_size = self.cfg.ember.max_queue_size
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._wake = threading.Event()
-        self._streams: dict[str, asyncio.Queue] = {}
-        self._num_pending_adds = 0  # adds in the inbox, not yet seen by the scheduler
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._stop = False
-        self._dead: BaseException | None = None
-        # tensor-parallel worker ranks: the idle loop wakes to check on them (ember.worker.executor)
-        self._has_workers = getattr(getattr(engine, "setup", None), "executor", None) is not None and \
-            engine.setup.executor.parallel.is_parallel
+        self.has_lora = info.has_lora
+        self.input_processor = InputProcessor(self.tokenizer, info)
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self._grammar = None
+        self._streams: dict[str, _Stream] = {}
+        self._queued: dict[str, str] = {}  # sequence id -> request id, sent to the core and not yet scheduled
+        self._stats = EngineStats()
+        self._calls: dict[int, asyncio.Future] = {}
+        self._call_ids = itertools.count()
+        self._is_started = False
+        self._dead: str | None = None
 
     @property
     def lora_names(self) -> list[str]:
         """The LoRA adapters requests may choose through `model` (configured, plus any loaded at run time)."""
-        return self.engine.lora_names
+        return list(self.input_processor.info.lora_names)
+
+    @property
+    def grammar(self):
+        """A grammar compiler on this side, so a bad schema is a 400 before anything reaches the core."""
+        if self._grammar is None:
+            from ember.structured.backend import GrammarBackend
+
+            info = self.input_processor.info
+            self._grammar = GrammarBackend(self.tokenizer, info.vocab_size, sorted(set(info.eos_token_ids)))
+        return self._grammar
 
     # ---- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
-        if self._thread is not None:
-            return
-        self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, name="ember-engine", daemon=True)
-        self._thread.start()
+        if not self._is_started:
+            self._is_started = True
+            self.client.start(asyncio.get_running_loop(), self._on_message)
 
     async def shutdown(self) -> None:
-        self._stop = True
-        self._wake.set()
-        if self._thread is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 30)
-        # callers still waiting (e.g. cancelled at the end of a drain) hear why, instead of hanging
-        for rid in list(self._streams):
-            self._deliver(rid, EngineDeadError("the engine is shutting down"))
-        if self._thread is not None and not self._thread.is_alive():
-            for rid in list(self.engine.groups):
-                self.engine.abort_request(rid)
-        if hasattr(self.engine, "shutdown"):
+        await self.client.close()
+        for rid in list(self._streams):  # callers still waiting (e.g. cancelled at the end of a drain) hear why
+            self._streams[rid].put(EngineDeadError("the engine is shutting down"))
+        if self.engine is not None:  # the core's thread has stopped: nothing of this front end's may stay queued
+            self.engine.core.abort_requests(list(self.engine.core.scheduler.requests))
             self.engine.shutdown()  # tensor-parallel worker ranks stop with the engine
 
     def is_healthy(self) -> bool:
         return self.dead_reason() is None
 
     def dead_reason(self) -> str | None:
-        """Why the engine cannot generate (its loop died, a worker rank is gone), or None when it can."""
-        if self._dead is not None:
-            return f"the engine loop died: {type(self._dead).__name__}: {self._dead}"
-        if self._thread is not None and not self._thread.is_alive():
-            return "the engine loop has stopped"
-        engine_reason = getattr(self.engine, "dead_reason", None)
-        return engine_reason() if engine_reason is not None else None
+        """Why the engine cannot generate (its core died, a worker rank is gone), or None when it can."""
+        return self._dead or self.client.dead_reason()
 
     def stats(self) -> EngineStats:
-        sched = self.engine.scheduler
-        bm = sched.block_manager
-        return EngineStats(
-            num_running=sched.num_running, num_waiting=sched.num_waiting + self._num_pending_adds,
-            kv_cache_usage=bm.usage, prefix_cache_queries=getattr(bm, "num_prefix_queries", 0),
-            prefix_cache_hits=getattr(bm, "num_prefix_hits", 0),
-            prompt_tokens_total=self.engine.stats_prompt_tokens,
-            generation_tokens_total=self.engine.stats_generation_tokens,
-            num_draft_tokens_total=getattr(self.engine, "stats_draft_tokens", 0),
-            num_accepted_tokens_total=getattr(self.engine, "stats_accepted_tokens", 0))
+        """The core's stats as of its last message; waiting counts what this side sent and it has not yet seen."""
+        s = self._stats
+        return EngineStats(**{**s.__dict__, "num_waiting": max(s.num_waiting, len(self._queued))})
 
     # ---- requests -------------------------------------------------------------------------------
     async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str, *,
                        lora_name: str | None = None, deadline: float | None = None) -> AsyncIterator[RequestOutput]:
-        if self._thread is None:
+        if not self._is_started:
             await self.start()
         if not self.is_healthy():
-            raise EngineDeadError("the engine loop has stopped; the server cannot take requests")
+            raise EngineDeadError("the engine core has stopped; the server cannot take requests")
         if request_id in self._streams:
             raise EmberError(f"request id {request_id!r} is already in use", param="request_id")
-        waiting = self.engine.scheduler.num_waiting + self._num_pending_adds
-        if waiting + params.n > self.max_queue_size:
+        if len(self._queued) + params.n > self.max_queue_size:  # the 429 counter lives here
             raise QueueFullError(f"the waiting queue is full ({self.max_queue_size} requests); retry later",
                                  retry_after=1.0)
-        group = self.engine.make_group(request_id, prompt, params, lora_name=lora_name)
-        q: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = q
-        self._num_pending_adds += params.n
-        self._inbox.put(("add", group))
-        self._wake.set()
+        prompt_text, prompt_ids, reqs = self.input_processor.process(request_id, prompt, params, lora_name=lora_name)
+        stream = self._streams[request_id] = _Stream()
+        self.output_processor.add_request(request_id, prompt_text, prompt_ids, params, reqs[0].eos_token_ids,
+                                          reqs[0].arrival_time)
+        for req in reqs:
+            self._queued[req.request_id] = request_id
+        self.client.send("add", reqs)
         finished = False
         try:
             while True:
-                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-                try:
-                    item = await asyncio.wait_for(q.get(), timeout)
-                except asyncio.TimeoutError:
-                    raise RequestTimeoutError("the request's deadline passed before it finished; it was aborted",
-                                              param="Request-Timeout-Ms") from None
-                while not q.empty() and not isinstance(item, BaseException):
-                    item = q.get_nowait()  # outputs are cumulative: skip to the newest
+                if deadline is None:
+                    item = await stream.get()
+                else:
+                    try:
+                        async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                            item = await stream.get()
+                    except TimeoutError:
+                        raise RequestTimeoutError("the request's deadline passed before it finished; it was aborted",
+                                                  param="Request-Timeout-Ms") from None
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
@@ -155,51 +164,74 @@ class AsyncLLM:
                     return
         finally:
             self._streams.pop(request_id, None)
+            self._unqueue(request_id, params.n)
             if not finished:
-                self._inbox.put(("abort", request_id))
-                self._wake.set()
+                self._abort(request_id)
 
     async def abort(self, request_id: str) -> None:
-        self._inbox.put(("abort", request_id))
-        self._wake.set()
+        self._abort(request_id)
 
-    # ---- the engine thread ----------------------------------------------------------------------
-    def _deliver(self, request_id: str, item) -> None:
-        q = self._streams.get(request_id)
-        if q is not None and self._loop is not None:
-            self._loop.call_soon_threadsafe(q.put_nowait, item)
+    def _abort(self, request_id: str) -> None:
+        _, ids = self.output_processor.abort_request(request_id)
+        if ids:
+            self.client.send("abort", ids)
 
-    def _drain_inbox(self) -> None:
-        while True:
-            try:
-                kind, arg = self._inbox.get_nowait()
-            except queue.Empty:
-                return
-            if kind == "add":
-                self._num_pending_adds -= len(arg.seqs)
-                if arg.request_id not in self._streams:
-                    continue  # the caller left before the engine saw it
-                try:
-                    self.engine.add_group(arg)
-                except EmberError as exc:
-                    self._deliver(arg.request_id, exc)
-            else:
-                self.engine.abort_request(arg)
+    def _unqueue(self, request_id: str, n: int) -> None:
+        for sid in seq_ids(request_id, n):
+            self._queued.pop(sid, None)
 
-    def _run(self) -> None:
-        try:
-            while not self._stop:
-                self._drain_inbox()
-                if self._has_workers:
-                    self.engine.check_health()  # raises when a tensor-parallel worker rank is gone
-                if not self.engine.has_unfinished_requests():
-                    self._wake.wait(HEALTH_POLL_S if self._has_workers else None)
-                    self._wake.clear()
-                    continue
-                for out in self.engine.step():
-                    self._deliver(out.request_id, out)
-        except BaseException as exc:  # the loop is dead: every waiting caller must hear it
-            logger.exception("engine loop died")
-            self._dead = exc
+    # ---- run-time LoRA (ember.lora.routes) -------------------------------------------------------
+    async def add_lora(self, name: str, path) -> None:
+        self.input_processor.info.lora_names = await self._call("add_lora", name, path)
+
+    async def remove_lora(self, name: str) -> None:
+        self.input_processor.info.lora_names = await self._call("remove_lora", name)
+
+    async def _call(self, method: str, *args):
+        if not self._is_started:
+            await self.start()
+        call_id = next(self._call_ids)
+        future = self._calls[call_id] = asyncio.get_running_loop().create_future()
+        self.client.send("call", (call_id, method, args))
+        return await future
+
+    # ---- the core's messages, on the event loop ----------------------------------------------------
+    def _on_message(self, kind: str, payload) -> None:
+        if kind == "outputs":
+            self._on_outputs(payload)
+        elif kind == "reply":
+            call_id, error, value = payload
+            future = self._calls.pop(call_id, None)
+            if future is not None and not future.done():
+                if error is None:
+                    future.set_result(value)
+                else:
+                    future.set_exception(InvalidRequestError(error.message, param="lora_path")
+                                         if error.kind == "AdapterError" else error.to_exception())
+        elif kind == "dead":
+            self._dead = str(payload)
+            logger.error("engine core died: %s", self._dead)
             for rid in list(self._streams):
-                self._deliver(rid, EngineDeadError(f"the engine loop died: {type(exc).__name__}: {exc}"))
+                self._streams[rid].put(EngineDeadError(f"the engine died: {self._dead}"))
+            for future in self._calls.values():
+                if not future.done():
+                    future.set_exception(EngineDeadError(f"the engine died: {self._dead}"))
+
+    def _on_outputs(self, msg: EngineCoreOutputs) -> None:
+        if msg.stats is not None:
+            self._stats = msg.stats
+        for rid, error in msg.errors:
+            request_id = self._queued.get(rid, rid)
+            stream = self._streams.get(request_id)
+            self._abort(request_id)
+            if stream is not None:
+                stream.put(error.to_exception() if isinstance(error, ErrorInfo) else error)
+        for out in msg.outputs:  # a scheduled sequence is no longer waiting
+            self._queued.pop(out.request_id, None)
+        processed = self.output_processor.process(msg.outputs, time.monotonic())
+        if processed.abort_ids:
+            self.client.send("abort", processed.abort_ids)
+        for out in processed.request_outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is not None:
+                stream.put(out)

@@ -3,13 +3,12 @@
 
 Off unless `ember.lora_runtime_dir` is set, and then confined to it: `lora_path` must resolve (symlinks
 followed) to a directory inside that root, so a request can never point the server at other files. The routes
-sit behind the API key like every route but /health. Reading and validating an adapter runs on a worker
-thread; the engine picks it up at its next step.
+sit behind the API key like every route but /health. Reading and validating an adapter happens in the engine core
+(a control message between two steps); the core then uses it from its next step.
 """
 
 from __future__ import annotations
 
-import asyncio
 import re
 from pathlib import Path
 
@@ -17,7 +16,6 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from ember.errors import InvalidRequestError, ModelNotFoundError
-from ember.lora.adapter import AdapterError
 
 _NAME = re.compile(r"^[a-zA-Z0-9_\-.:]{1,128}$")  # as build.lora_adapters names
 
@@ -49,8 +47,8 @@ async def _body(request: Request) -> dict:
 def add_lora_routes(app: FastAPI, state, cfg, guard) -> None:
     """Adds the two routes when `cfg.ember.lora_runtime_dir` is set; `guard` is the app's error mapper."""
     root = getattr(getattr(cfg, "ember", None), "lora_runtime_dir", None)
-    manager = getattr(getattr(getattr(state.engine, "engine", None), "runner", None), "lora_manager", None)
-    if not root or manager is None:
+    engine = state.engine
+    if not root or not getattr(engine, "has_lora", False):
         return
 
     async def load(_state, request: Request):
@@ -61,17 +59,14 @@ def add_lora_routes(app: FastAPI, state, cfg, guard) -> None:
         if name == state.engine.served_model_name:
             raise InvalidRequestError(f"lora_name {name!r} is the base model's name", param="lora_name")
         path = confined_adapter_dir(root, lora_path)
-        try:
-            await asyncio.to_thread(manager.add_adapter, name, path)
-        except AdapterError as e:
-            raise InvalidRequestError(str(e), param="lora_path") from None
+        await engine.add_lora(name, path)  # read and checked in the engine core; a bad adapter is a 400
         return JSONResponse({"object": "lora_adapter", "id": name, "status": "loaded"})
 
     async def unload(_state, request: Request):
         name = (await _body(request))["lora_name"]
-        if name not in manager.names:
+        if name not in engine.lora_names:
             raise ModelNotFoundError(f"LoRA adapter {name!r} is not loaded", param="lora_name")
-        manager.remove_adapter(name)
+        await engine.remove_lora(name)
         return JSONResponse({"object": "lora_adapter", "id": name, "status": "unloaded"})
 
     @app.post("/v1/load_lora_adapter")

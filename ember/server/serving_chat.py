@@ -150,7 +150,7 @@ async def _chunks(state: ServerState, stream: OutputStream, timer, request_id: s
             i = o.index
             if is_done[i]:
                 continue
-            delta = o.text[sent_chars[i]:]
+            delta = o.text_from(sent_chars[i])
             new_logprobs = (o.logprobs or [])[sent_logprobs[i]:] if num_logprobs is not None else []
             if parsers[i] is None:
                 pieces = [{"content": delta}] if delta or new_logprobs else []
@@ -161,7 +161,7 @@ async def _chunks(state: ServerState, stream: OutputStream, timer, request_id: s
             logprobs = chat_logprobs(new_logprobs, state.texts) if num_logprobs is not None else None
             for j, piece in enumerate(pieces):
                 yield chunk([ChatStreamChoice(index=i, delta=piece, logprobs=logprobs if j == 0 else None)])
-            sent_chars[i] = max(sent_chars[i], len(o.text))
+            sent_chars[i] = max(sent_chars[i], o.num_chars)
             sent_logprobs[i] += len(new_logprobs)
             if o.finish_reason is not None:
                 is_done[i] = True

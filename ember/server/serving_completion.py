@@ -140,7 +140,7 @@ async def _chunks(state, req: CompletionRequest, stream: OutputStream, timer, pr
             c = p * n + o.index
             if is_done[c]:
                 continue
-            delta = o.text[sent_chars[c]:]
+            delta = o.text_from(sent_chars[c])
             new_logprobs = (o.logprobs or [])[sent_logprobs[c]:] if req.logprobs is not None else []
             echo_ids = None
             if req.echo and not is_started[c]:
@@ -152,7 +152,7 @@ async def _chunks(state, req: CompletionRequest, stream: OutputStream, timer, pr
                     logprobs, offsets[c] = completion_logprobs(new_logprobs, state.texts, offsets[c], echo_ids)
                 yield chunk([CompletionChoice(index=c, text=delta, logprobs=logprobs)])
                 is_started[c] = True
-                sent_chars[c] = max(sent_chars[c], len(o.text))
+                sent_chars[c] = max(sent_chars[c], o.num_chars)
                 sent_logprobs[c] += len(new_logprobs)
             if o.finish_reason is not None:
                 is_done[c] = True

@@ -1,6 +1,7 @@
 """The server's side of the engine call: start, merge, deadline, disconnect, abort.
 
-`OutputStream` drives `engine.generate` for the prompts of one HTTP request. `start()` waits for the
+`OutputStream` drives `engine.generate` for the prompts of one HTTP request (one prompt: the engine's
+iterator is awaited directly, no task or asyncio.wait per output). `start()` waits for the
 first output of every prompt, so that queue-full (429), context (400) and dead-engine (503) errors
 surface before any response byte is sent; iteration then merges the prompts' outputs. Whatever ends
 it (done, error, deadline, client gone, shutdown) `close()` closes the engine iterators and calls
@@ -68,13 +69,20 @@ class OutputStream:
                 if inspect.isawaitable(it):  # an `async def` returning an iterator works too
                     it = await it
                 self.generators[i] = it.__aiter__()
-            results = await self._wait([asyncio.ensure_future(self._next(i)) for i in range(len(self.jobs))], all_done=True)
+            if len(self.jobs) == 1:  # the common case: no task, no asyncio.wait
+                results = [await self._bounded(self._next(0))]
+            else:
+                results = await self._wait([asyncio.ensure_future(self._next(i)) for i in range(len(self.jobs))], all_done=True)
         except BaseException:
             await self.close()
             raise
         self.firsts = [r for r in results if r[1] is not None]
 
     async def __aiter__(self) -> AsyncIterator[tuple[int, Any]]:
+        if len(self.jobs) == 1:
+            async for item in self._iter_one():
+                yield item
+            return
         pending = []
         try:
             for i, out in self.firsts:
@@ -95,6 +103,24 @@ class OutputStream:
                 task.cancel()
             if pending:
                 await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _iter_one(self) -> AsyncIterator[tuple[int, Any]]:
+        """One prompt: await its iterator directly (it hands over the newest output, coalesced)."""
+        for item in self.firsts:
+            yield item
+        while not self.finished[0]:
+            i, out = await self._bounded(self._next(0))
+            if out is not None:
+                yield i, out
+
+    async def _bounded(self, awaitable):
+        if self.deadline is None:
+            return await awaitable
+        try:
+            async with asyncio.timeout(max(0.0, self.deadline - time.monotonic())):
+                return await awaitable
+        except TimeoutError:
+            raise self._timeout_error() from None
 
     async def _next(self, i: int):
         try:

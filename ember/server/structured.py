@@ -86,7 +86,7 @@ def needs_structured_work(req) -> bool:
 def warm_grammar(engine, spec: StructuredOutputSpec | None) -> None:
     """Compile `spec` into the engine's grammar cache now (call it on a worker thread), so neither the
     event loop nor the engine thread compiles it; a grammar that fails to compile is a 400 here."""
-    backend = getattr(getattr(engine, "engine", None), "grammar", None)  # AsyncLLM -> LLMEngine -> GrammarBackend
+    backend = getattr(engine, "grammar", None)  # AsyncLLM's GrammarBackend (the core compiles its own copy)
     if spec is not None and backend is not None:
         backend.compile(spec)
 

@@ -82,9 +82,13 @@ def _wait_ready(proc, url: str, timeout: float = 120.0) -> None:
 
 
 def _worker_pids(pid: int) -> list[int]:
-    """The server's worker ranks (`python -m ember.distributed.worker ...` children)."""
-    out = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(pid)], capture_output=True, text=True).stdout
-    return [int(line.split()[0]) for line in out.splitlines() if "ember.distributed.worker" in line]
+    """The server's worker ranks (`python -m ember.distributed.worker ...`), children of its engine core process."""
+    out = subprocess.run(["ps", "-e", "-o", "pid=,ppid=,args="], capture_output=True, text=True).stdout
+    procs = [(int(line.split()[0]), int(line.split()[1]), line) for line in out.splitlines() if line.strip()]
+    family = {pid}
+    for _ in range(3):  # server -> engine core -> ranks
+        family |= {p for p, parent, _ in procs if parent in family}
+    return [p for p, parent, line in procs if parent in family and p != pid and "ember.distributed.worker" in line]
 
 
 def test_server_tp2_matches_and_dies_with_a_worker(tiny_checkpoints):

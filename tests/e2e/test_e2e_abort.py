@@ -4,6 +4,7 @@ aborted and the KV cache (block manager and /metrics) returns to its baseline.""
 from __future__ import annotations
 
 import asyncio
+import json
 
 import httpx
 import pytest
@@ -25,8 +26,8 @@ def server():
 
 def test_50_clients_cut_off_mid_stream_free_their_blocks(server):
     assert wait_until(server.is_idle)
-    baseline = server.block_manager.num_free_blocks
-    assert baseline == server.block_manager.num_blocks and server.kv_usage() == 0.0
+    baseline, num_blocks = server.free_blocks()
+    assert baseline == num_blocks and server.kv_usage() == 0.0
     all_started = asyncio.Event()
     num_started = 0
     seen_while_open = {}
@@ -67,15 +68,15 @@ def test_50_clients_cut_off_mid_stream_free_their_blocks(server):
             failed = [t.exception() for t in tasks if t.done()]
             assert all_started.is_set(), f"{num_started} streams started; failed: {failed[:3]}; stuck: {stuck}; {server.engine.stats()}"
             stats = server.engine.stats()
-            seen_while_open.update(running=stats.num_running, free=server.block_manager.num_free_blocks)
+            seen_while_open.update(running=stats.num_running, free=stats.num_free_blocks)
             return await asyncio.gather(*tasks)
 
     chunks = asyncio.run(main())
     assert chunks == [1 + i % 3 for i in range(NUM_CLIENTS)]
     # all 50 were running, holding blocks, when their clients left
     assert seen_while_open["running"] == NUM_CLIENTS and seen_while_open["free"] < baseline
-    assert wait_until(lambda: server.block_manager.num_free_blocks == baseline), (
-        f"{baseline - server.block_manager.num_free_blocks} KV blocks still held after every client left")
+    assert wait_until(lambda: server.free_blocks()[0] == baseline), (
+        f"{baseline - server.free_blocks()[0]} KV blocks still held after every client left")
     assert wait_until(server.is_idle)  # nothing running or waiting, /metrics kv usage back to 0
     assert server.engine.stats().num_running == 0
 
@@ -83,3 +84,37 @@ def test_50_clients_cut_off_mid_stream_free_their_blocks(server):
     with server.client() as http:
         resp = http.post("/v1/completions", json={"prompt": "1, 2, 3,", "max_tokens": 4, "ignore_eos": True})
     assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] == 4
+
+
+def test_disconnect_storm_100_streams_half_dropped(server):
+    """100 streams at once through the engine-core process: every other client leaves after its first chunk,
+    the rest read to [DONE]; the dropped ones are aborted in the core and the KV cache returns to baseline."""
+    assert wait_until(server.is_idle)
+    baseline, _ = server.free_blocks()
+
+    async def client(http: httpx.AsyncClient, i: int) -> str:
+        drop = i % 2 == 0
+        body = {"prompt": f"{i}, {i + 1},", "stream": True, "ignore_eos": True, "max_tokens": 300 if drop else 6}
+        async with http.stream("POST", "/v1/completions", json=body) as resp:
+            assert resp.status_code == 200
+            finish = None
+            async for line in resp.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                if drop:
+                    return "dropped"
+                if line == "data: [DONE]":
+                    return finish
+                finish = json.loads(line[6:])["choices"][0].get("finish_reason") or finish
+        return "cut"
+
+    async def main():
+        limits = httpx.Limits(max_connections=110, max_keepalive_connections=0)
+        async with httpx.AsyncClient(base_url=server.url, limits=limits, timeout=180) as http:
+            return await asyncio.gather(*(client(http, i) for i in range(100)))
+
+    results = asyncio.run(main())
+    assert results == ["dropped" if i % 2 == 0 else "length" for i in range(100)]
+    assert wait_until(lambda: server.free_blocks()[0] == baseline), (
+        f"{baseline - server.free_blocks()[0]} KV blocks still held after the storm")
+    assert wait_until(server.is_idle)

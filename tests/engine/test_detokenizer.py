@@ -33,13 +33,14 @@ def test_incremental_matches_full_decode(tok, text):
     ids = tok.encode(text)
     d = Detokenizer(tok)
     state = d.new_state(prompt, stop=[])
-    seen = []
+    seen, text = [], ""
     for t in ids:
         d.append(state, [t])
-        seen.append(state.output_text)
-        assert "\ufffd" not in state.output_text  # never a split UTF-8 character
+        text += d.take(state)
+        seen.append(text)
+        assert "\ufffd" not in text  # never a split UTF-8 character
     d.finish(state)
-    assert state.output_text == tok.decode(ids)
+    assert text + d.take(state) == tok.decode(ids)
     assert all(b.startswith(a) for a, b in zip(seen, seen[1:]))  # text only grows
 
 
@@ -51,10 +52,13 @@ def test_long_sequences_keep_matching(tok):
     d = Detokenizer(tok)
     state = d.new_state([], stop=[])
     d.append(state, ids[:3])
+    text = d.take(state)
     for t in ids[3:]:
         d.append(state, [t])
+        text += d.take(state)
     d.finish(state)
-    assert state.output_text == tok.decode(ids)
+    assert text + d.take(state) == tok.decode(ids)
+    assert len(state.token_ids) <= 64 + 1 and not state.pending  # the state stays bounded
 
 
 def test_stop_string_is_cut_and_never_leaks(tok):
@@ -63,15 +67,16 @@ def test_stop_string_is_cut_and_never_leaks(tok):
     ids = tok.encode("The answer is 42. STOP here please")
     d = Detokenizer(tok)
     state = d.new_state([], stop=["STOP", "never"])
-    emitted = []
+    emitted, text = [], ""
     hit = False
     for t in ids:
         hit = d.append(state, [t])
-        emitted.append(state.output_text)
+        text += d.take(state)
+        emitted.append(text)
         if hit:
             break
     assert hit and state.stop_reason == "STOP"
-    assert state.output_text == "The answer is 42. "
+    assert text == "The answer is 42. "
     assert not any("ST" in e for e in emitted)  # a partial stop string is held back
 
 
@@ -80,7 +85,10 @@ def test_include_stop_string(tok):
 
     d = Detokenizer(tok)
     state = d.new_state([], stop=["42"], include_stop_str=True)
+    text = ""
     for t in tok.encode("The answer is 42 and more"):
-        if d.append(state, [t]):
+        hit = d.append(state, [t])
+        text += d.take(state)
+        if hit:
             break
-    assert state.output_text == "The answer is 42"
+    assert text == "The answer is 42"

@@ -44,7 +44,7 @@ def test_tiny_greedy_identical_mixed_batch(tiny_pair):
     assert outs[3].metrics.num_draft_tokens == 0
     m = outs[0].metrics
     assert 0 < m.acceptance_rate <= 1 and m.mean_tokens_per_step > 1
-    assert spec.engine.stats_accepted_tokens > 0
+    assert spec.engine.core.stats_accepted_tokens > 0
 
 
 def test_seeded_sampling_reproducible_whatever_the_batch(tiny_pair):
