@@ -30,6 +30,7 @@ from ember.errors import EngineDeadError
 logger = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 900.0  # loading (and packing) a model can take minutes on a busy CPU
+STOP_TIMEOUT_S = 20.0  # for the core to finish its step, stop its ranks and exit before it is killed
 
 
 class ProcessCoreClient:
@@ -65,7 +66,13 @@ class ProcessCoreClient:
                 raise EngineDeadError(str(payload))
             if self.proc.poll() is not None:
                 break
-        raise EngineDeadError(self._exit_reason() or "the engine core process did not start in time")
+        else:
+            raise EngineDeadError(f"the engine core process did not start within {START_TIMEOUT_S:.0f} s")
+        try:
+            self.proc.wait(10)  # it closed its end: let its exit code name what happened (its log is on stderr)
+        except subprocess.TimeoutExpired:
+            pass
+        raise EngineDeadError(self._exit_reason() or "the engine core process closed its socket while starting")
 
     def _exit_reason(self) -> str | None:
         rc = self.proc.poll()
@@ -85,6 +92,10 @@ class ProcessCoreClient:
                 self._on_message(kind, payload)
         except (EOFError, OSError):
             self._loop.remove_reader(self.conn.fileno())
+            try:
+                self.proc.wait(2)  # its socket closed as it died: its exit code says how
+            except subprocess.TimeoutExpired:
+                pass
             self._dead = self._dead or self._exit_reason() or "the engine core process closed its socket"
             self._on_message("dead", self._dead)
 
@@ -105,9 +116,9 @@ class ProcessCoreClient:
         if self.proc.poll() is None:
             self.send("stop", None)
             try:
-                await asyncio.get_running_loop().run_in_executor(None, self.proc.wait, 30)
+                await asyncio.get_running_loop().run_in_executor(None, self.proc.wait, STOP_TIMEOUT_S)
             except subprocess.TimeoutExpired:
-                logger.warning("the engine core did not stop in 30 s; killing it")
+                logger.warning("the engine core did not stop in %.0f s; killing it", STOP_TIMEOUT_S)
         self.kill()
 
     def kill(self) -> None:

@@ -41,7 +41,7 @@ class GrammarBackend:
         self.stop_token_ids = list(self.tokenizer_info.stop_token_ids)
         self.compiler = xgr.GrammarCompiler(self.tokenizer_info, max_threads=max_threads)
         self._cache: OrderedDict[tuple, object] = OrderedDict()  # spec.cache_key -> xgr.CompiledGrammar
-        self._lock = threading.Lock()  # make_group may compile off the engine thread
+        self._lock = threading.Lock()  # the server compiles on worker threads (warm_grammar)
         self.num_compiles = 0  # grammars actually compiled (cache misses), for tests and metrics
         self.think_end = think_end
         self.think_end_token_id = _single_token_id(tokenizer, think_end)

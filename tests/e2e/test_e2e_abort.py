@@ -118,3 +118,17 @@ def test_disconnect_storm_100_streams_half_dropped(server):
     assert wait_until(lambda: server.free_blocks()[0] == baseline), (
         f"{baseline - server.free_blocks()[0]} KV blocks still held after the storm")
     assert wait_until(server.is_idle)
+
+
+def test_a_killed_engine_core_makes_health_503_naming_it(server):
+    """Last in this module (it ends the server's engine): the core is a process of its own; when it dies the
+    front end says so on /health and in dead_reason (which the server's watchdog prints as it exits)."""
+    import os
+    import signal
+
+    pid = server.engine.client.proc.pid
+    os.kill(pid, signal.SIGKILL)
+    assert wait_until(lambda: httpx.get(f"{server.url}/health", timeout=10).status_code == 503)
+    assert server.engine.dead_reason() == f"the engine core process (pid {pid}) exited with code -9"
+    with server.client() as http:
+        assert http.post("/v1/completions", json={"prompt": "1, 2,", "max_tokens": 2}).status_code == 503
