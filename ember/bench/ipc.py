@@ -1,6 +1,7 @@
 """The per-message cost of the front end <-> engine core channel: a step's outputs message (deltas for B
 sequences plus stats) sent to a child process and echoed back, through the channel ember uses (a
-multiprocessing Connection over a Unix socket pair, pickle) and through multiprocessing.Queue.
+multiprocessing Connection over a Unix socket pair, pickle) and through multiprocessing.Queue, in alternating
+rounds (median of 8).
 
     python -m ember.bench.ipc [--batch 32] [--num 2000]
 """
@@ -12,6 +13,7 @@ import multiprocessing as mp
 import os
 import pickle
 import socket
+import statistics
 import time
 from multiprocessing.connection import Connection
 
@@ -80,7 +82,10 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     msg = sample_message(args.batch)
     size = len(pickle.dumps(("outputs", msg), protocol=pickle.HIGHEST_PROTOCOL))
-    conn_s, queue_s = time_connection(("outputs", msg), args.num), time_queue(("outputs", msg), args.num)
+    # alternating rounds, median of each: the machine's load drifts, and both channels should see the same drift
+    rounds = [(time_connection(("outputs", msg), args.num // 8), time_queue(("outputs", msg), args.num // 8))
+              for _ in range(8)]
+    conn_s, queue_s = statistics.median(r[0] for r in rounds), statistics.median(r[1] for r in rounds)
     print(f"message: {args.batch} sequences, {size} bytes pickled")
     print(f"Connection over a socket pair: {conn_s * 1e6:.1f} us per round trip")
     print(f"multiprocessing.Queue:         {queue_s * 1e6:.1f} us per round trip ({queue_s / conn_s:.2f}x)")
