@@ -89,11 +89,29 @@ class Int4CPUKernel:
         return self.dequantize_t(dtype).t().contiguous()
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x [T, in] (any float dtype) -> [T, out] in x's dtype."""
-        dtype = self.scale_zero.dtype
-        x2 = x.to(dtype).contiguous()
-        if x2.shape[0] <= MAX_GEMV_ROWS:
-            y = torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scale_zero)
+        """x [T, in] (any float dtype) -> [T, out] in x's dtype. Inside a compiled forward this is one opaque
+        op, so the graph stays dynamic in T (the choice of kernel by T happens when it runs)."""
+        x2 = x.to(self.scale_zero.dtype).contiguous()
+        if torch.compiler.is_compiling():
+            y = torch.ops.ember.int4_matmul(x2, self.packed, self.scale_zero, self.group_size, self.codes)
         else:
-            y = x2 @ self.dequantize_t(dtype)  # [T, out]
+            y = _int4_matmul(x2, self.packed, self.scale_zero, self.group_size, self.codes)
         return y.to(x.dtype)
+
+
+def _int4_matmul(x: torch.Tensor, packed: torch.Tensor, scale_zero: torch.Tensor, group_size: int,
+                 codes: torch.Tensor | None) -> torch.Tensor:
+    """x [T, in] in the activation dtype -> [T, out]: the int4 kernel for few rows, dequantize + GEMM for many."""
+    if x.shape[0] <= MAX_GEMV_ROWS:
+        return torch._weight_int4pack_mm_for_cpu(x, packed, group_size, scale_zero)
+    return x @ Int4CPUKernel(packed, scale_zero, group_size, codes).dequantize_t(x.dtype)  # [T, out]
+
+
+_lib = torch.library.Library("ember", "FRAGMENT")
+_lib.define("int4_matmul(Tensor x, Tensor packed, Tensor scale_zero, int group_size, Tensor? codes) -> Tensor")
+_lib.impl("int4_matmul", _int4_matmul, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("ember::int4_matmul", lib=_lib)
+def _int4_matmul_fake(x, packed, scale_zero, group_size, codes):
+    return x.new_empty((x.shape[0], packed.shape[0]))  # [T, out]
