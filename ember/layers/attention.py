@@ -164,13 +164,32 @@ class TorchAttentionBackend(AttentionBackend):
             out.index_copy_(0, batch.out_tokens, res.index_select(0, batch.out_slots))
         for i in long_seqs:
             s, e = starts[i], starts[i + 1]
+            seq_len = metadata.seq_lens_list[i]
+            # A chunk reaching into its sequence's last KV block is attended in two calls: up to that block,
+            # then the tail. A later identical prompt finds the earlier blocks in the prefix cache and computes
+            # just that tail, with these same calls, so it comes out bit for bit the same (seeded requests repeat).
+            tail = (seq_len - 1) // block_size * block_size
+            if tail > seq_len - (e - s):
+                head = e - (seq_len - tail)
+                out[s:head] = self._prefill(q[s:head], k[s:head], v[s:head], kv_cache, metadata, i, scale,
+                                            sliding_window, logit_softcap, kv_scale, seq_len=tail)
+                s = head
+            if e - s == 1:  # a 1-token tail: exactly the batched call its own decode-sized chunk would run
+                one = metadata.derived.get(("tail", i, sliding_window, q.dtype))
+                if one is None:
+                    one = metadata.derived[("tail", i, sliding_window, q.dtype)] = plan_batch(
+                        [0], [s, e], [1], [seq_len], metadata.block_tables[i:i + 1], block_size, None, sliding_window,
+                        q.dtype, q.device)
+                out[s:e] = attend_batch(q[s:e], kv_cache, one, scale, logit_softcap, kv_scale)
+                continue
             out[s:e] = self._prefill(q[s:e], k[s:e], v[s:e], kv_cache, metadata, i, scale, sliding_window,
                                      logit_softcap, kv_scale)
         return out
 
-    def _prefill(self, q, k, v, kv_cache, md, i, scale, window, softcap, kv_scale):
-        """One sequence's chunk of new tokens, causal over its cached context. q [L, Hq, D] -> [L, Hq, D]."""
-        seq_len, q_len = md.seq_lens_list[i], q.shape[0]
+    def _prefill(self, q, k, v, kv_cache, md, i, scale, window, softcap, kv_scale, seq_len=None):
+        """One sequence's chunk of new tokens, causal over its cached context (its KV length `seq_len`, default
+        the step's). q [L, Hq, D] -> [L, Hq, D]."""
+        seq_len, q_len = seq_len or md.seq_lens_list[i], q.shape[0]
         ctx = seq_len - q_len
         qi = q.transpose(0, 1).unsqueeze(0)  # [1, Hq, L, D]
         if ctx == 0:  # no cached context: use the new K/V directly
