@@ -114,6 +114,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hf-batch-size", type=int, default=None, help="transformers batch size (default: all prompts)")
     p.add_argument("--max-batch-size", type=int, default=None)
     p.add_argument("--json", action="store_true", help="print machine-readable results")
+    p.add_argument("--deterministic", action="store_true", help="ember.deterministic: batch-invariant outputs")
     p.add_argument("--speculator", choices=["none", "prompt_lookup", "lookahead", "both"], default="none",
                    help="compare speculative decoding with plain decoding on the same engine (greedy, checked identical)")
     p.add_argument("--workload", choices=["random", "code", "repeat"], default="random",
@@ -138,7 +139,7 @@ def main(args: argparse.Namespace) -> dict:
         return run_embed_bench(args)
     from ember import LLM
 
-    overrides = {"dtype": args.dtype}
+    overrides = {"dtype": args.dtype, "deterministic": getattr(args, "deterministic", False) or None}
     if args.max_batch_size:
         overrides["max_batch_size"] = args.max_batch_size
     if args.speculator != "none":

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ember.layers.batched_attention import attend_batch, dequant_kv, gather_kv, is_head_major, plan_batch
+from ember.layers.invariant_attention import invariant_attention
 
 __all__ = ["AttentionBackend", "AttentionMetadata", "TorchAttentionBackend", "build_attention_metadata",
            "gather_kv", "get_attention_backend", "is_head_major"]
@@ -40,6 +41,8 @@ class AttentionMetadata:
     # new tokens, is always visible); a sequence with query_len > M is causal and its rows are ignored.
     # None: every sequence is causal.
     tree_mask: torch.Tensor | None = None
+    # ember.deterministic: attend every token through the same fixed-shape calls (ember.layers.invariant_attention)
+    is_deterministic: bool = False
     # Per-step values the backend derives once and reuses in every layer (masks, index tensors).
     derived: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -54,6 +57,8 @@ def build_attention_metadata(
     block_tables: list[list[int]],
     block_size: int,
     device: torch.device | str,
+    *,
+    is_deterministic: bool = False,
 ) -> AttentionMetadata:
     """Build one step's metadata from per-sequence lengths and block ids (ids of each sequence, in order)."""
     num_seqs = len(query_lens)
@@ -83,6 +88,7 @@ def build_attention_metadata(
         max_query_len=max(query_lens, default=0),
         max_seq_len=max(seq_lens, default=0),
         is_all_decode=is_all_decode,
+        is_deterministic=is_deterministic,
     )
 
 
@@ -151,6 +157,9 @@ class TorchAttentionBackend(AttentionBackend):
             for i, x in enumerate((k, v)):
                 xq = (x.float() / kv_scale[i]).clamp(-fmax, fmax).to(kv_cache.dtype)
                 raw[i].index_copy_(0, metadata.slot_mapping, xq.view(torch.uint8))
+        if metadata.is_deterministic:
+            return invariant_attention(q, kv_cache, metadata, scale=scale, window=sliding_window,
+                                       softcap=logit_softcap, kv_scale=kv_scale)
         key = ("plan", sliding_window, q.dtype)
         plan = metadata.derived.get(key)
         if plan is None:  # once per step, shared by every layer

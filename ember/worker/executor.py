@@ -75,7 +75,8 @@ class Executor:
         build = cfg.trt_llm.build
         tp = build.tensor_parallel_count
         if tp == 1:
-            return cls(ModelRunner(checkpoint, dtype, device, cfg.ember.block_size))
+            return cls(ModelRunner(checkpoint, dtype, device, cfg.ember.block_size,
+                                   is_deterministic=cfg.ember.deterministic))
         import torch.distributed as dist
 
         if build.lora_adapters:
@@ -96,7 +97,8 @@ class Executor:
                 store = host_store(tp, TENSOR_TIMEOUT_S)
                 processes = start_workers(cfg, tp, "127.0.0.1", store.port)
             bind_device(device)
-            runner = ModelRunner(checkpoint, dtype, device, cfg.ember.block_size, parallel_context(0, tp, device))
+            runner = ModelRunner(checkpoint, dtype, device, cfg.ember.block_size, parallel_context(0, tp, device),
+                                 is_deterministic=cfg.ember.deterministic)
             if not is_launched:
                 wait_for_workers(store, processes)
             parallel, control = init_ranks(0, tp, None, device, store=store)

@@ -54,12 +54,13 @@ class ForwardMetadata:
 
 class ModelRunner:
     def __init__(self, checkpoint, dtype: torch.dtype, device: torch.device, block_size: int,
-                 parallel: ParallelContext = SINGLE):
+                 parallel: ParallelContext = SINGLE, is_deterministic: bool = False):
         self.device = device
         self.dtype = dtype
         self.block_size = block_size
         self.hf_config = checkpoint.hf_config
         self.parallel = parallel  # this rank's slice of the model (tensor_parallel_count > 1)
+        self.is_deterministic = is_deterministic  # ember.deterministic: batch-invariant attention in every forward
         self.mirror = None  # TP rank 0: ember.worker.executor.StepMirror, ships each forward/KV move to the workers
         model_cls = get_model_class(checkpoint.architecture)
         with torch.device(device):
@@ -174,7 +175,8 @@ class ModelRunner:
             return self._logits(hidden, step)
         input_ids = torch.tensor(step.token_ids, dtype=torch.int64).to(dev, non_blocking=True)  # [T]
         pos = torch.tensor(step.positions, dtype=torch.int64).to(dev, non_blocking=True)  # [T]
-        meta = build_attention_metadata(step.query_lens, step.seq_lens, step.block_tables, self.block_size, dev)
+        meta = build_attention_metadata(step.query_lens, step.seq_lens, step.block_tables, self.block_size, dev,
+                                        is_deterministic=self.is_deterministic)
         if step.tree_mask is not None:
             meta.tree_mask = step.tree_mask.to(dev)
         hidden = self.model(input_ids, pos, self.kv_caches, meta)  # [T, H]
