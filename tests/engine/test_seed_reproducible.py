@@ -19,7 +19,7 @@ def test_seeded_pairs_identical_with_prefix_cache(tiny_llama_dir):
             # lengths around block boundaries (block 16): 17 and 33 leave a 1-token tail, 32 a full-block one
             n = [17, 33, 32, 47, 40][i % 5] + 16 * (i // 5) % 48
             prompt = [rng.randrange(3, 49000) for _ in range(n)]
-            params = SamplingParams(max_tokens=4, temperature=1.0, seed=1000 + i, logprobs=1, ignore_eos=True)
+            params = SamplingParams(max_tokens=3, temperature=1.0, seed=1000 + i, logprobs=1, ignore_eos=True)
             first, second = (llm.generate([prompt], params)[0] for _ in range(2))
             assert second.num_cached_tokens > 0, "the second request did not hit the prefix cache"
             assert second.token_ids == first.token_ids, (i, n)
