@@ -12,7 +12,7 @@ import os
 import sys
 import time
 
-from ember.errors import ConfigError, WorkerStartError
+from ember.errors import ConfigError, EngineDeadError, WorkerStartError
 
 API_KEY_ENV = "EMBER_API_KEY"  # read only here, so the key need not appear in argv (ps)
 
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"ember {args.command}: {e}", 2)
     except FileNotFoundError as e:  # a checkpoint the config names is not on this machine
         return _fail(f"ember {args.command}: {e}", 1)
-    except WorkerStartError as e:  # a tensor-parallel worker rank died while starting: its rank and last lines
+    except (WorkerStartError, EngineDeadError) as e:  # the engine (or a tensor-parallel rank) could not start
         return _fail(f"ember {args.command}: {e}", 1)
     except KeyboardInterrupt:
         return 130
