@@ -34,6 +34,7 @@ class CoreLoop:
         """Until ("stop") or the front end goes away (recv raises EOFError). A dying core says why first."""
         core = self.core
         try:
+            self.send("outputs", EngineCoreOutputs([], [], core.stats()))  # the front end's stats are valid from the start
             while True:
                 idle = not core.has_unfinished_requests()
                 for kind, payload in self.recv((HEALTH_POLL_S if core.has_workers else None) if idle else 0):

@@ -94,7 +94,7 @@ def test_disconnect_storm_100_streams_half_dropped(server):
 
     async def client(http: httpx.AsyncClient, i: int) -> str:
         drop = i % 2 == 0
-        body = {"prompt": f"{i}, {i + 1},", "stream": True, "ignore_eos": True, "max_tokens": 300 if drop else 6}
+        body = {"prompt": f"{i}, {i + 1},", "stream": True, "ignore_eos": True, "max_tokens": 200 if drop else 4}
         async with http.stream("POST", "/v1/completions", json=body) as resp:
             assert resp.status_code == 200
             finish = None
@@ -110,12 +110,12 @@ def test_disconnect_storm_100_streams_half_dropped(server):
 
     async def main():
         limits = httpx.Limits(max_connections=110, max_keepalive_connections=0)
-        async with httpx.AsyncClient(base_url=server.url, limits=limits, timeout=180) as http:
+        async with httpx.AsyncClient(base_url=server.url, limits=limits, timeout=600) as http:  # a bound for loaded CI
             return await asyncio.gather(*(client(http, i) for i in range(100)))
 
     results = asyncio.run(main())
     assert results == ["dropped" if i % 2 == 0 else "length" for i in range(100)]
-    assert wait_until(lambda: server.free_blocks()[0] == baseline), (
+    assert wait_until(lambda: server.free_blocks()[0] == baseline, timeout=120), (
         f"{baseline - server.free_blocks()[0]} KV blocks still held after the storm")
     assert wait_until(server.is_idle)
 
