@@ -68,7 +68,7 @@ def _serve(path, tp: int, port: int) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _wait_ready(proc, url: str, timeout: float = 120.0) -> None:
+def _wait_ready(proc, url: str, timeout: float = 300.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert proc.poll() is None, proc.stdout.read()
