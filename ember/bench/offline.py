@@ -57,7 +57,20 @@ def run_ember(llm, prompts: list[list[int]], output_len: int, structured=None) -
     ttfts = [o.metrics.ttft for o in outs if o.metrics.ttft is not None]
     return {"elapsed_s": elapsed, "output_tokens": num_out, "output_tok_s": num_out / elapsed,
             "requests_s": len(prompts) / elapsed, "mean_ttft_s": sum(ttfts) / max(1, len(ttfts)),
-            "token_ids": [o.token_ids for o in outs]}
+            **phase_speeds(outs, sum(len(p) for p in prompts)), "token_ids": [o.token_ids for o in outs]}
+
+
+def phase_speeds(outs, num_prompt_tokens: int) -> dict:
+    """Prefill tok/s (until every request has its first token) and decode tok/s (every later token, until the
+    last request finishes); exact for one prompt, a phase split of the whole run for many."""
+    ms = [o.metrics for o in outs]
+    if any(m.first_scheduled_time is None or m.first_token_time is None or m.finished_time is None for m in ms):
+        return {}
+    start, first_all = min(m.first_scheduled_time for m in ms), max(m.first_token_time for m in ms)
+    end = max(m.finished_time for m in ms)
+    decoded = sum(len(o.token_ids) for o in outs) - len(outs)
+    return {"prefill_tok_s": num_prompt_tokens / max(first_all - start, 1e-9),
+            "decode_tok_s": decoded / (end - first_all) if end > first_all else float("nan")}
 
 
 def build_hf_model(llm):
@@ -108,9 +121,15 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--baseline", choices=["hf", "vllm", "none"], default="hf",
-                   help="hf: transformers generate; vllm: vLLM's CPU backend (optional extra, see --vllm-python)")
+    p.add_argument("--compile", action="store_true", help="CPU: run ember's compiled forward (ember.compile)")
+    p.add_argument("--baseline", choices=["hf", "vllm", "llamacpp", "none"], default="hf",
+                   help="hf: transformers generate; vllm: vLLM's CPU backend (optional extra, see --vllm-python); "
+                        "llamacpp: llama-cpp-python on the same GGUF (optional extra, see --llamacpp-python)")
     p.add_argument("--vllm-python", default=None, help="interpreter that can import vllm (default: this one)")
+    p.add_argument("--llamacpp-python", default=None, help="interpreter that can import llama_cpp (default: this one)")
+    p.add_argument("--llamacpp-model", default=None,
+                   help="GGUF for llama.cpp (default: the engine's own GGUF, or the one it was built from)")
+    p.add_argument("--llamacpp-threads", type=int, default=None, help="llama.cpp threads (default: ember's)")
     p.add_argument("--hf-batch-size", type=int, default=None, help="transformers batch size (default: all prompts)")
     p.add_argument("--max-batch-size", type=int, default=None)
     p.add_argument("--json", action="store_true", help="print machine-readable results")
@@ -140,6 +159,8 @@ def main(args: argparse.Namespace) -> dict:
     from ember import LLM
 
     overrides = {"dtype": args.dtype, "deterministic": getattr(args, "deterministic", False) or None}
+    if getattr(args, "compile", False):
+        overrides["compile"] = True
     if args.max_batch_size:
         overrides["max_batch_size"] = args.max_batch_size
     if args.speculator != "none":
@@ -204,6 +225,19 @@ def main(args: argparse.Namespace) -> dict:
         vllm_res = run_vllm(llm, prompts, args.output_len, args.vllm_python, res["dtype"])
         res["vllm"] = vllm_res
         res["ratio_vs_vllm"] = ember_res["output_tok_s"] / vllm_res["output_tok_s"]
+    if args.baseline == "llamacpp":
+        from pathlib import Path
+
+        from ember.bench.llamacpp_baseline import gguf_of, run_llamacpp
+
+        gguf = Path(args.llamacpp_model) if args.llamacpp_model else gguf_of(setup.checkpoint)
+        threads = args.llamacpp_threads or torch.get_num_threads()
+        lc = run_llamacpp(gguf, prompts, args.output_len, args.llamacpp_python, threads)
+        res["llamacpp"] = {k: v for k, v in lc.items() if k != "token_ids"} | {"model": str(gguf), "threads": threads}
+        res["ratio_vs_llamacpp"] = ember_res["output_tok_s"] / lc["output_tok_s"]
+        for phase in ("decode", "prefill"):
+            if f"{phase}_tok_s" in ember_res:
+                res[f"{phase}_ratio_vs_llamacpp"] = ember_res[f"{phase}_tok_s"] / lc[f"{phase}_tok_s"]
     print_table(res)
     if args.json:
         print(json.dumps(res, indent=2))
@@ -212,20 +246,25 @@ def main(args: argparse.Namespace) -> dict:
 
 def print_table(res: dict) -> None:
     rows = [("ember", res["ember"])] + ([("ember json", res["ember_json"])] if "ember_json" in res else [])
-    for name in ("transformers", "vllm"):
+    for name in ("transformers", "vllm", "llamacpp"):
         if name in res:
             rows.append((name, res[name]))
     print(f"\nmodel {res['model']}  dtype {res['dtype']}  threads {res['threads']}  "
           f"{res['num_prompts']} prompts x ({res['input_len']} in, {res['output_len']} out)")
-    print(f"{'engine':<14}{'out tok/s':>12}{'req/s':>10}{'mean TTFT s':>14}{'elapsed s':>12}")
+    print(f"{'engine':<14}{'out tok/s':>12}{'decode tok/s':>14}{'prefill tok/s':>15}{'req/s':>10}"
+          f"{'mean TTFT s':>14}{'elapsed s':>12}")
     for name, r in rows:
         ttft = f"{r['mean_ttft_s']:.3f}" if "mean_ttft_s" in r else "-"
-        print(f"{name:<14}{r['output_tok_s']:>12.1f}{r['requests_s']:>10.2f}{ttft:>14}{r['elapsed_s']:>12.2f}")
+        phases = "".join(f"{r[k]:>{w}.1f}" if k in r else f"{'-':>{w}}" for k, w in (("decode_tok_s", 14),
+                                                                                     ("prefill_tok_s", 15)))
+        print(f"{name:<14}{r['output_tok_s']:>12.1f}{phases}{r['requests_s']:>10.2f}{ttft:>14}{r['elapsed_s']:>12.2f}")
     if "ratio_json_vs_free" in res:
         print(f"ember json-schema constrained / free: {res['ratio_json_vs_free']:.3f}x")
-    for name in ("transformers", "vllm"):
+    for name in ("transformers", "vllm", "llamacpp"):
         if f"ratio_vs_{name}" in res:
-            print(f"ember / {name}: {res[f'ratio_vs_{name}']:.2f}x")
+            phases = "".join(f", {phase} {res[f'{phase}_ratio_vs_{name}']:.2f}x" for phase in ("decode", "prefill")
+                             if f"{phase}_ratio_vs_{name}" in res)
+            print(f"ember / {name}: {res[f'ratio_vs_{name}']:.2f}x (output tok/s{phases})")
     if "bandwidth_share" in res["ember"]:
         print(f"copy bandwidth {res['copy_bandwidth_gbs']:.1f} GB/s; weights {res['weight_bytes'] / 1e6:.0f} MB; "
               f"batch-1 decode reaches {100 * res['ember']['bandwidth_share']:.0f}% of the weight-streaming limit")

@@ -353,7 +353,8 @@ class EmberSection(_Section):
     enable_prefix_caching: Bool = True  # share full KV blocks between requests with a common prefix
     max_queue_size: PosInt = 256  # waiting requests; beyond it new ones get 429
     num_threads: Optional[PosInt] = None  # CPU threads for torch; None: torch's default
-    enforce_eager: bool = False  # GPU: never replay decode steps from CUDA graphs
+    enforce_eager: bool = False  # never replay CUDA graphs (GPU) nor run the compiled forward (CPU)
+    compile: bool = False  # CPU: torch.compile the model's layers at start-up (ember.models.compiled)
     chat_template: Optional[str] = None  # a Jinja file path or inline template; None: the checkpoint's
     trust_request_chat_template: Bool = False  # let requests send their own chat_template
     drain_timeout_s: Annotated[float, Field(strict=True, ge=0)] = 30.0  # on SIGTERM, wait this long for running requests

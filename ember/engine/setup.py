@@ -81,6 +81,8 @@ def build_engine_setup(cfg) -> EngineSetup:
     max_model_len = min(max_model_len, num_blocks * em.block_size)
     if not em.enforce_eager:
         runner.enable_cuda_graphs(max_model_len, max_batch_size)  # CUDA only; a no-op elsewhere
+        if em.compile:
+            runner.enable_compile(build.max_num_tokens)  # CPU, single rank; else it says why and stays eager
     block_manager = BlockManager(num_blocks, em.block_size, em.enable_prefix_caching)
     scheduler = Scheduler(block_manager, max_num_tokens=build.max_num_tokens, max_batch_size=max_batch_size,
                           max_seq_len=max_model_len, policy=rt.batch_scheduler_policy,

@@ -18,6 +18,7 @@ from ember.layers.linear import Linear
 from ember.layers.norm import HeadRMSNorm, RMSNorm
 from ember.layers.rotary import apply_rotary, get_rope
 from ember.models.base import CausalLM, head_dim_of, layer_sliding_window
+from ember.models.compiled import paged_attention
 
 
 class Attention(nn.Module):
@@ -70,8 +71,8 @@ class Attention(nn.Module):
             qk = self.qk_norm(qk)
         qk = apply_rotary(qk, cos, sin)  # [T, Hq + Hk, D]
         q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
-        out = self.backend.forward(
-            q, k, v, kv_cache, attn_metadata,
+        out = paged_attention(
+            self.backend, q, k, v, kv_cache, attn_metadata,
             scale=self.scale, sliding_window=self.sliding_window, logit_softcap=self.logit_softcap,
             kv_scale=getattr(self, "kv_scale", None),  # [2] K/V scales of a quantized (fp8) cache, set by an engine
         )  # [T, Hq, D]
@@ -136,8 +137,13 @@ class DecoderModel(nn.Module):
         self.rotary = get_rope(cfg, head_dim_of(cfg), dtype=dtype, device=device)
 
     def forward(self, input_ids, positions, kv_caches, attn_metadata) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)  # [T, H]
         cos, sin = self.rotary.cos_sin(positions, attn_metadata)  # [T, 1, R] each, shared by all layers
+        return self.body(input_ids, cos, sin, kv_caches, attn_metadata)
+
+    def body(self, input_ids, cos, sin, kv_caches, attn_metadata) -> torch.Tensor:
+        """Everything after the rotary lookup; what ember.models.compiled compiles (attn_metadata is then an
+        opaque AttentionStep that only the attention calls read)."""
+        hidden = self.embed_tokens(input_ids)  # [T, H]
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
             hidden, residual = layer(hidden, residual, cos, sin, kv_cache, attn_metadata)

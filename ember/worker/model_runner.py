@@ -77,6 +77,7 @@ class ModelRunner:
         self.num_blocks = 0
         self.lora_manager = None  # ember.lora.LoRAManager when adapters are served; set by the engine setup
         self.graph_runner = None  # ember.worker.cuda_graphs.CUDAGraphRunner on CUDA (all-decode steps)
+        self.compiled = None  # ember.models.compiled.CompiledForward on CPU when ember.compile is set
 
     # ---- KV cache -------------------------------------------------------------------------------
     def bytes_per_block(self) -> int:
@@ -101,6 +102,25 @@ class ModelRunner:
                                             max_blocks_per_seq=-(-max_seq_len // self.block_size),
                                             pad_block_id=self.num_blocks, buckets=graph_buckets(max_batch_size))
         self.graph_runner.capture()
+
+    def enable_compile(self, max_num_tokens: int) -> None:
+        """Compile the model's layers (CPU, single rank) and warm both graphs up now; any failure stays eager."""
+        from ember.models.compiled import CompiledForward, can_compile
+
+        reason = can_compile(self.model, self.device)
+        if reason is None and self.lora_manager is not None:
+            reason = "LoRA adapters run eagerly"
+        if reason is not None or not self.kv_caches:
+            logger.warning("compiled forward off: %s", reason or "no KV cache")
+            return
+        try:
+            compiled = CompiledForward(self.model)
+            seconds = compiled.warm_up(self.kv_caches, self.block_size, max_num_tokens)
+        except Exception as e:  # noqa: BLE001 - an op the compiler cannot take: run eagerly
+            logger.warning("torch.compile of the forward failed (%s); running eagerly", e)
+            return
+        self.compiled = compiled
+        logger.info("compiled forward ready in %.1f s", seconds)
 
     # ---- one step -------------------------------------------------------------------------------
     def free_request(self, request_id: str) -> None:
@@ -179,7 +199,8 @@ class ModelRunner:
                                         is_deterministic=self.is_deterministic)
         if step.tree_mask is not None:
             meta.tree_mask = step.tree_mask.to(dev)
-        hidden = self.model(input_ids, pos, self.kv_caches, meta)  # [T, H]
+        forward = self.compiled.forward if self.compiled is not None else self.model
+        hidden = forward(input_ids, pos, self.kv_caches, meta)  # [T, H]
         return self._logits(hidden, step)
 
     def _logits(self, hidden: torch.Tensor, step: ForwardMetadata) -> torch.Tensor | None:
