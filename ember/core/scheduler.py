@@ -16,15 +16,21 @@ is preempted by recomputation (blocks freed, num_computed_tokens reset, outputs 
 Prefix sharing between requests added together (n > 1): the first request's full prompt blocks are
 registered when scheduled; a second request whose lookup meets such a block waits one step (and the
 queue behind it too) and then hits all of them, instead of reading K/V not written yet.
+
+What the runner is told. The scheduler remembers, per running request, how many of its tokens and
+block ids the runner has (`_RunnerView`); each ScheduledRequest carries only what was appended since
+(ember.core.outputs), and a request the runner does not hold (new, or resumed after preemption) is sent
+whole once. A preemption or a finish forgets the view (the runner drops the row on the same ids).
 """
 
 from __future__ import annotations
 
 import enum
 from collections import deque
+from dataclasses import dataclass
 
 from ember.core.block_manager import BlockManager
-from ember.core.outputs import ScheduledRequest, SchedulerOutput
+from ember.core.outputs import NewRequestData, ScheduledRequest, SchedulerOutput
 from ember.core.request import Request, RequestStatus
 from ember.errors import ContextLengthExceededError, InvalidRequestError, QueueFullError
 
@@ -32,6 +38,14 @@ from ember.errors import ContextLengthExceededError, InvalidRequestError, QueueF
 class SchedulerPolicy(str, enum.Enum):
     GUARANTEED_NO_EVICT = "guaranteed_no_evict"
     MAX_UTILIZATION = "max_utilization"
+
+
+@dataclass
+class _RunnerView:
+    """How much of one running request the runner holds (its row's tokens and block table)."""
+
+    num_tokens: int  # prompt + outputs sent
+    num_block_ids: int  # leading block ids sent (and still the request's)
 
 
 class Scheduler:
@@ -53,6 +67,7 @@ class Scheduler:
         self.running: list[Request] = []  # admission order (oldest first)
         self.requests: dict[str, Request] = {}  # unfinished requests by id
         self._finished_ids: list[str] = []  # since the last schedule()
+        self._runner_views: dict[str, _RunnerView] = {}  # running requests the runner holds a row for
 
     # ---- requests -----------------------------------------------------------------------------
     @property
@@ -124,6 +139,7 @@ class Scheduler:
         req.status, req.stop_reason = status, stop_reason
         req.spec_token_ids = []
         self.block_manager.free(req)
+        self._runner_views.pop(req.request_id, None)
         del self.requests[req.request_id]
         self._finished_ids.append(req.request_id)
 
@@ -204,6 +220,9 @@ class Scheduler:
             req.spec_token_ids = []  # consumed; the proposer sets fresh ones
             if item.num_draft_tokens:
                 bm.truncate(req, req.num_computed_tokens)
+                view = self._runner_views.get(req.request_id)
+                if view is not None:  # released tail blocks: the next step rewrites the row from here
+                    view.num_block_ids = min(view.num_block_ids, len(req.block_ids))
             for token_id in tokens[:num_accepted + 1]:
                 req.append_output_token_ids(token_id)
                 status, reason = self._check_stop(req, token_id)
@@ -216,11 +235,31 @@ class Scheduler:
 
     # ---- helpers ------------------------------------------------------------------------------
     def _scheduled(self, req: Request, num_new: int) -> ScheduledRequest:
+        """This step's entry for `req`: only what the runner does not hold yet (O(new tokens + new blocks))."""
         num_draft = max(0, req.num_computed_tokens + num_new - req.num_tokens)
         del req.spec_token_ids[num_draft:]  # drafts the budget left out are dropped, not deferred
-        return ScheduledRequest(request=req, num_computed_tokens=req.num_computed_tokens, num_new_tokens=num_new,
-                                num_draft_tokens=num_draft, block_ids=list(req.block_ids),
-                                is_sampling=req.num_computed_tokens + num_new >= req.num_tokens)
+        item = ScheduledRequest(request=req, request_id=req.request_id, num_computed_tokens=req.num_computed_tokens,
+                                num_new_tokens=num_new, num_draft_tokens=num_draft,
+                                is_sampling=req.num_computed_tokens + num_new >= req.num_tokens,
+                                draft_token_ids=list(req.spec_token_ids))
+        view = self._runner_views.get(req.request_id)
+        if view is None:
+            params = req.sampling_params
+            item.new_request = NewRequestData(
+                request_id=req.request_id, prompt_token_ids=req.prompt_token_ids,
+                output_token_ids=list(req.output_token_ids), sampling_params=params,
+                eos_token_ids=sorted(req.eos_token_ids), lora_name=req.lora_name)
+            item.new_block_ids = list(req.block_ids)
+            self._runner_views[req.request_id] = _RunnerView(req.num_tokens, len(req.block_ids))
+            return item
+        if view.num_tokens < req.num_tokens:
+            item.new_token_ids = req.all_token_ids[view.num_tokens:]
+            view.num_tokens = req.num_tokens
+        item.block_ids_start = view.num_block_ids
+        if view.num_block_ids < len(req.block_ids):
+            item.new_block_ids = req.block_ids[view.num_block_ids:]
+            view.num_block_ids = len(req.block_ids)
+        return item
 
     def _trim_drafts(self, req: Request) -> None:
         """Drafts only for outputs that can still be emitted: accepted drafts + 1 <= remaining tokens.
@@ -241,6 +280,7 @@ class Scheduler:
 
     def _preempt(self, req: Request) -> None:
         self.block_manager.free(req)
+        self._runner_views.pop(req.request_id, None)
         req.num_computed_tokens = 0
         req.spec_token_ids = []
         req.status = RequestStatus.PREEMPTED

@@ -5,8 +5,11 @@ It is a program of its own: `python -m ember.distributed.worker --rank R --world
 --master-port P` with the config as JSON on stdin (started by rank 0, see ember.distributed.spawn), or
 `ember serve` under torchrun with RANK > 0.
 
-Messages (rank 0 -> all, on the control group, in order): ("kv", num_blocks) once, then ("forward",
-ForwardMetadata), ("kv_move", (src, dst)), ("ping", None), and finally ("stop", None).
+Messages (rank 0 -> all, on the control group, in order): ("kv", num_blocks) once, then ("step", (SchedulerOutput,
+SpecDecodeMetadata or None, kv moves or None)) per engine step, ("ping", None) while idle, and finally
+("stop", None). A step's SchedulerOutput carries deltas only (ember.core.outputs); each rank's runner keeps its
+own persistent batch from them, so every rank builds the same inputs. The KV moves are the ones rank 0 made
+after verifying the previous step's tree drafts.
 """
 
 from __future__ import annotations
@@ -70,15 +73,14 @@ def set_rank_threads(cfg, world_size: int, device: torch.device) -> None:
 
 @torch.inference_mode()
 def serve_steps(runner, control) -> None:
-    """The worker loop: mirror rank 0's forwards and KV moves until ("stop", None)."""
-    from ember.spec.tree import copy_kv_slots
-
+    """The worker loop: run rank 0's steps until ("stop", None)."""
     while True:
         kind, payload = recv_message(control)
-        if kind == "forward":
-            runner.forward(payload)
-        elif kind == "kv_move":
-            copy_kv_slots(runner.kv_caches, *payload)
+        if kind == "step":
+            sched_out, spec, kv_moves = payload
+            if kv_moves is not None:
+                runner.move_kv(*kv_moves)
+            runner.execute(sched_out, spec)
         elif kind == "kv":
             runner.allocate_kv_cache(payload)
         elif kind == "stop":

@@ -15,8 +15,7 @@ from ember.engine.messages import EngineCoreOutput, EngineCoreRequest, EngineInf
 from ember.engine.setup import EngineSetup, build_engine_setup
 from ember.errors import InvalidRequestError
 from ember.spec import NoSpeculator
-from ember.structured.backend import GrammarBackend
-from ember.structured.bitmask import advance
+from ember.structured.manager import StructuredOutputManager
 from ember.worker.model_runner import ModelRunnerOutput
 
 logger = logging.getLogger(__name__)
@@ -28,9 +27,12 @@ class EngineCore:
         s = setup or build_engine_setup(cfg)
         self.setup = s
         self.runner = s.runner
+        self.executor = s.executor  # the ranks running the model: every step goes through it (any TP size)
         self.scheduler = s.scheduler
         self.speculator = s.speculator or NoSpeculator()  # proposes drafts before schedule(), hears results after
-        self.grammar = GrammarBackend(s.tokenizer, self.runner.vocab_size, sorted(set(s.eos_token_ids)))
+        # grammar matchers: created, masked (a bitmask in the step's data) and advanced by this one manager
+        self.structured = StructuredOutputManager(s.tokenizer, self.runner.vocab_size, sorted(set(s.eos_token_ids)))
+        self.grammar = self.structured.backend  # the compiler (and its cache), for callers that validate specs
         self.stats_prompt_tokens = 0
         self.stats_generation_tokens = 0
         self.stats_draft_tokens = 0  # speculative tokens verified
@@ -60,7 +62,7 @@ class EngineCore:
                       eos_token_ids=req.eos_token_ids, max_tokens=req.max_tokens, arrival_time=req.arrival_time,
                       cache_salt=req.cache_salt, lora_name=req.lora_name)
         if params.structured is not None:  # compiled once per spec (cached); a bad grammar is refused here
-            seq.matcher = self.grammar.new_matcher(params.structured)
+            seq.matcher = self.structured.new_matcher(params.structured)
         self.scheduler.add_request(seq)
         self.stats_prompt_tokens += seq.num_prompt_tokens
 
@@ -78,7 +80,8 @@ class EngineCore:
         spec = self.speculator.propose(self.scheduler.running)  # sets request.spec_token_ids
         sched_out = self.scheduler.schedule()
         num_before = {item.request.request_id: item.request.num_output_tokens for item in sched_out.scheduled}
-        runner_out = self.runner.execute(sched_out, spec) if sched_out.scheduled else ModelRunnerOutput()
+        sched_out.grammar = self.structured.grammar_bitmask(sched_out)
+        runner_out = self.executor.execute(sched_out, spec)  # also when empty: it frees finished rows
         self.scheduler.update(sched_out, runner_out.sampled_token_ids)
         self.speculator.observe(sched_out, runner_out.spec)
         return self._outputs(sched_out, runner_out, num_before)
@@ -100,7 +103,7 @@ class EngineCore:
                 self.stats_draft_tokens += out.num_draft_tokens
                 self.stats_accepted_tokens += out.num_accepted_tokens
             self.stats_generation_tokens += len(new_ids)
-            if new_ids and seq.matcher is not None and advance(seq.matcher, new_ids) and not seq.status.is_finished:
+            if self.structured.advance(seq, new_ids) and not seq.status.is_finished:
                 self.scheduler.finish_request(rid, RequestStatus.FINISHED_STOPPED)  # the grammar is complete
             if seq.status.is_finished and seq.status != RequestStatus.FINISHED_ABORTED:
                 out.finish_reason, out.stop_reason = seq.status.finish_reason, seq.stop_reason
@@ -109,8 +112,7 @@ class EngineCore:
         return outputs
 
     def _forget(self, rid: str) -> None:
-        self.runner.free_request(rid)
-        self.speculator.free(rid)
+        self.speculator.free(rid)  # the runner drops its row with the scheduler's finished_ids
 
     # ---- state reported to the front end ----------------------------------------------------------
     def stats(self) -> EngineStats:

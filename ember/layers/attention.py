@@ -54,17 +54,21 @@ class AttentionMetadata:
 def build_attention_metadata(
     query_lens: list[int],
     seq_lens: list[int],
-    block_tables: list[list[int]],
+    block_tables: list[list[int]] | torch.Tensor,
     block_size: int,
     device: torch.device | str,
     *,
     is_deterministic: bool = False,
 ) -> AttentionMetadata:
-    """Build one step's metadata from per-sequence lengths and block ids (ids of each sequence, in order)."""
+    """Build one step's metadata from per-sequence lengths and block ids: a list of each sequence's ids,
+    or a host int32 tensor [B, max_blocks] (the runner's persistent block table rows, padded)."""
     num_seqs = len(query_lens)
-    max_blocks = max((len(b) for b in block_tables), default=0) or 1
-    bt = torch.tensor([list(b) + [0] * (max_blocks - len(b)) for b in block_tables], dtype=torch.int32)
-    bt = bt.view(num_seqs, max_blocks)  # [B, max_blocks]
+    if isinstance(block_tables, torch.Tensor):
+        bt = block_tables  # [B, max_blocks]
+    else:
+        max_blocks = max((len(b) for b in block_tables), default=0) or 1
+        bt = torch.tensor([list(b) + [0] * (max_blocks - len(b)) for b in block_tables], dtype=torch.int32)
+        bt = bt.view(num_seqs, max_blocks)  # [B, max_blocks]
     q_lens = torch.tensor(query_lens, dtype=torch.int64)
     s_lens = torch.tensor(seq_lens, dtype=torch.int64)
     qsl = torch.zeros(num_seqs + 1, dtype=torch.int64)

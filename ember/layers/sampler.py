@@ -17,7 +17,7 @@ _NEG_INF = float("-inf")
 
 @dataclass
 class SamplingMetadata:
-    """Per-row sampling settings for N rows, built by the runner each step."""
+    """Per-row sampling settings for N rows, gathered by the runner each step from its persistent rows."""
 
     temperatures: torch.Tensor  # [N] float32; 0 marks a greedy row
     top_ps: torch.Tensor | None  # [N] float32, None when no row uses top_p
@@ -26,8 +26,9 @@ class SamplingMetadata:
     presence_penalties: torch.Tensor | None  # [N] float32, None when no row uses penalties
     frequency_penalties: torch.Tensor | None  # [N] float32
     repetition_penalties: torch.Tensor | None  # [N] float32
-    output_token_ids: torch.Tensor | None  # [N, L] int64 padded with -1: each row's generated tokens
-    prompt_token_ids: torch.Tensor | None  # [N, P] int64 padded with -1 (for repetition penalty)
+    output_token_counts: torch.Tensor | None  # [N, V] float32: each row's generated tokens, counted
+    # (kept incrementally by the runner, never rebuilt from the history); None when no row has penalties
+    prompt_token_mask: torch.Tensor | None  # [N, V] bool: tokens in each row's prompt (repetition penalty)
     banned_token_ids: list[list[int]] | None  # per row: tokens masked this step (EOS before min_tokens)
     generators: list[torch.Generator | None]  # per row: a seeded generator, or None
     num_logprobs: list[int | None]  # per row: None or k top logprobs wanted
@@ -70,18 +71,16 @@ class Sampler:
 
 def apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
     """OpenAI presence/frequency penalties over output tokens; HF repetition penalty over prompt+output."""
-    num_rows, vocab = logits.shape
-    if meta.output_token_ids is not None and (meta.presence_penalties is not None or meta.frequency_penalties is not None):
-        counts = _token_counts(meta.output_token_ids, num_rows, vocab, logits.device)  # [N, V]
+    counts = meta.output_token_counts  # [N, V]
+    if counts is not None and (meta.presence_penalties is not None or meta.frequency_penalties is not None):
         if meta.frequency_penalties is not None:
             logits = logits - meta.frequency_penalties[:, None] * counts
         if meta.presence_penalties is not None:
             logits = logits - meta.presence_penalties[:, None] * (counts > 0).float()
     if meta.repetition_penalties is not None:
-        seen = torch.zeros(num_rows, vocab, dtype=torch.bool, device=logits.device)
-        for ids in (meta.prompt_token_ids, meta.output_token_ids):
-            if ids is not None:
-                seen |= _token_counts(ids, num_rows, vocab, logits.device) > 0
+        seen = counts > 0 if counts is not None else torch.zeros_like(logits, dtype=torch.bool)  # [N, V]
+        if meta.prompt_token_mask is not None:
+            seen = seen | meta.prompt_token_mask
         pen = meta.repetition_penalties[:, None].expand_as(logits)
         penalized = torch.where(logits > 0, logits / pen, logits * pen)
         logits = torch.where(seen, penalized, logits)
@@ -125,14 +124,6 @@ def exponential_race(probs: torch.Tensor, generators: list[torch.Generator | Non
         if gen is not None:
             noise[row].exponential_(generator=gen)
     return (probs / noise).argmax(dim=-1)
-
-
-def _token_counts(ids: torch.Tensor, num_rows: int, vocab: int, device) -> torch.Tensor:
-    """[N, L] ids padded with -1 -> [N, V] float counts."""
-    counts = torch.zeros(num_rows, vocab + 1, dtype=torch.float32, device=device)
-    idx = torch.where(ids < 0, vocab, ids)
-    counts.scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.float32))
-    return counts[:, :vocab]
 
 
 def _ragged_index(per_row: list[list[int]]) -> tuple[list[int], list[int]]:

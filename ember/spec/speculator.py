@@ -75,7 +75,7 @@ class Speculator:
             draft = self.proposer.propose(req, room)
             draft = draft.truncated(room) if draft else None
             if draft and getattr(req, "matcher", None) is not None:
-                draft = draft.chain_prefix()  # the grammar mask covers chains (ember.spec.grammar)
+                draft = draft.chain_prefix()  # the grammar mask covers chains (ember.structured.manager)
             if not draft:
                 continue
             req.spec_token_ids = list(draft.token_ids)

@@ -96,14 +96,15 @@ def build_tree_mask(items: list, trees: list[list[int] | None]) -> torch.Tensor 
     return torch.from_numpy(mask)
 
 
-def kv_moves(item, accepted_nodes: list[int], block_size: int) -> tuple[list[int], list[int]]:
-    """(src, dst) flat slots that put the accepted path's K/V where plain decoding would have it."""
+def kv_moves(item, accepted_nodes: list[int], block_ids: list[int], block_size: int) -> tuple[list[int], list[int]]:
+    """(src, dst) flat slots that put the accepted path's K/V where plain decoding would have it.
+    `block_ids`: the request's block table."""
     first = item.seq_len - item.num_draft_tokens
     src, dst = [], []
     for depth, node in enumerate(accepted_nodes):
         if node != depth:
-            src.append(_slot(item.block_ids, first + node, block_size))
-            dst.append(_slot(item.block_ids, first + depth, block_size))
+            src.append(_slot(block_ids, first + node, block_size))
+            dst.append(_slot(block_ids, first + depth, block_size))
     return src, dst
 
 

@@ -1,9 +1,11 @@
 """The grammar mask at the sampler: the named points where structured output plugs into a step.
 
-Per step the runner calls `build_grammar_bitmask` over the sampling rows (None for unconstrained
-rows: constrained and free requests share one batch), then `apply_bitmask` on the logits before
-sampling; the engine calls `advance` with each request's accepted tokens after the step. With
-speculation, `fill_draft_bitmask` masks every verified position of one request.
+Per step the StructuredOutputManager (ember.structured.manager) fills one bitmask over the step's
+sampled positions (`RequestMatcher.fill_bitmask` per constrained row; with speculation,
+`fill_draft_bitmask` masks every verified position of one request; unconstrained rows stay all-allowed,
+so constrained and free requests share one batch); the runner calls `apply_bitmask` on the logits
+before sampling; the manager calls `advance` with each request's accepted tokens after the step.
+`build_grammar_bitmask` is the same fill for a plain list of matchers.
 
 The bitmask is xgrammar's: [num_rows, ceil(V / 32)] int32, bit j of row i set when token j is
 allowed. It is filled on the CPU (the matchers live there) and copied to the logits' device.

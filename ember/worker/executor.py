@@ -1,8 +1,10 @@
-"""Executor: the ranks that run the model. With tensor_parallel_count 1 it is rank 0's ModelRunner and nothing
-else (no extra process, no collectives). With N > 1 it also owns the worker ranks: rank 0 (this process)
-runs the scheduler and sampler; before each forward its runner's `StepMirror` broadcasts the step as plain
-data (`ForwardMetadata`: token ids, positions, lengths, block tables) and every rank runs the same forward
-on its shard; the vocabulary-parallel logits are gathered to rank 0, which samples.
+"""Executor: the ranks that run the model, and the engine's only way to run a step (`execute`), whatever the
+tensor_parallel_count. With 1 it is rank 0's ModelRunner and nothing else (no extra process, no collectives).
+With N > 1 it also owns the worker ranks: rank 0 (this process) runs the scheduler and sampler; `execute`
+broadcasts the step itself (the SchedulerOutput's deltas, as plain data: no Request objects, no grammar
+bitmask) and every rank's runner applies it to its own persistent batch and runs the same forward on its
+shard; the vocabulary-parallel logits are gathered to rank 0, which samples. KV moves that rank 0 made after
+verifying tree drafts travel with the next step (the other ranks apply them before their forward).
 
 Health: a worker that exits (ranks started here are watched by pid) or stops answering (torchrun ranks, found by
 a broken collective or a periodic ping) makes `check_health` raise EngineDeadError, which stops the engine
@@ -11,6 +13,7 @@ loop; the server then answers /health with 503 and exits.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import pickle
 import time
@@ -23,14 +26,14 @@ from ember.distributed.parallel import SINGLE, ParallelContext
 from ember.distributed.spawn import host_store, start_workers, stop_workers, wait_for_workers
 from ember.distributed.worker import set_rank_threads
 from ember.errors import EngineDeadError
-from ember.worker.model_runner import ForwardMetadata, ModelRunner
+from ember.worker.model_runner import ModelRunner, ModelRunnerOutput
 
 logger = logging.getLogger(__name__)
 
 PING_INTERVAL_S = 2.0  # an idle engine checks its worker ranks this often
 
 
-class StepMirror:
+class StepBroadcaster:
     """Rank 0's end of the worker protocol (see ember.distributed.worker): one broadcast per message."""
 
     def __init__(self, control):
@@ -51,21 +54,19 @@ class StepMirror:
         self.seconds += time.perf_counter() - t0
         self.last_sent = time.monotonic()
 
-    def send_forward(self, step: ForwardMetadata) -> None:
-        self.send("forward", step)
-
-    def send_kv_move(self, src: list[int], dst: list[int]) -> None:
-        self.send("kv_move", (list(src), list(dst)))
 
 
 class Executor:
-    def __init__(self, runner: ModelRunner, processes: list | None = None, is_launched: bool = False):
+    def __init__(self, runner: ModelRunner, processes: list | None = None, is_launched: bool = False,
+                 control=None):
         self.runner = runner
+        self.broadcaster = StepBroadcaster(control) if control is not None else None  # None: one rank
         self.parallel: ParallelContext = runner.parallel
         self.processes = processes or []  # ember.distributed.spawn.WorkerProcess of ranks 1..N-1 (none under torchrun)
         self.is_launched = is_launched  # ranks started by an external launcher (torchrun)
         self._failure: str | None = None
         self._is_closed = False
+        self._pending_kv_moves: tuple[list[int], list[int]] | None = None  # rank 0's, for the next broadcast
 
     @classmethod
     def start(cls, cfg, checkpoint, dtype: torch.dtype, device: torch.device) -> "Executor":
@@ -106,20 +107,27 @@ class Executor:
             stop_workers(processes, graceful=False)
             close_ranks()
             raise
-        runner.mirror = StepMirror(control)
         logger.info("tensor parallel: %d ranks (%s), %s", tp, "launched" if is_launched else "started here",
                     "gloo, all-reduce in float32" if parallel.reduce_in_fp32 else "nccl")
-        return cls(runner, processes, is_launched)
+        return cls(runner, processes, is_launched, control)
 
     # ---- what the engine calls ------------------------------------------------------------------
     def allocate_kv_cache(self, num_blocks: int) -> None:
         """Every rank allocates the same number of blocks (rank 0 decides), each with its KV heads."""
-        if self.runner.mirror is not None:
-            self.runner.mirror.send("kv", num_blocks)
+        if self.broadcaster is not None:
+            self.broadcaster.send("kv", num_blocks)
         self.runner.allocate_kv_cache(num_blocks)
 
-    def execute(self, sched_out, spec=None):
-        return self.runner.execute(sched_out, spec)
+    def execute(self, sched_out, spec=None) -> ModelRunnerOutput:
+        """Run one step on every rank -> rank 0's sampled tokens. Called for every step, also an empty one
+        (it still carries the finished and preempted ids whose rows the runners free)."""
+        if self.broadcaster is not None:
+            self.broadcaster.send("step", (dataclasses.replace(sched_out, grammar=None), spec, self._pending_kv_moves))
+            self._pending_kv_moves = None
+        out = self.runner.execute(sched_out, spec)
+        if self.broadcaster is not None and out.kv_moves is not None:
+            self._pending_kv_moves = out.kv_moves
+        return out
 
     def dead_reason(self) -> str | None:
         """Why the ranks can no longer run the model, or None while they can. Safe from any thread."""
@@ -133,11 +141,11 @@ class Executor:
 
     def check_health(self) -> None:
         """Raise EngineDeadError if a rank is gone. Called by the engine thread (it may ping idle workers)."""
-        mirror = self.runner.mirror
+        bc = self.broadcaster
         # a spawned rank that exited is known from its exit code: never touch the (broken) group then
-        if mirror is not None and self.is_alive() and time.monotonic() - mirror.last_sent > PING_INTERVAL_S:
+        if bc is not None and self.is_alive() and time.monotonic() - bc.last_sent > PING_INTERVAL_S:
             try:
-                mirror.send("ping")
+                bc.send("ping")
             except Exception as exc:  # noqa: BLE001 - a broken group means a rank is gone
                 self._failure = f"a tensor-parallel worker rank stopped answering ({type(exc).__name__}: {exc})"
                 for p in self.processes:  # a killed rank's socket can close just before its exit code shows:
@@ -153,9 +161,9 @@ class Executor:
         if self._is_closed or not self.parallel.is_parallel:
             return
         healthy = self.is_alive()
-        if healthy and self.runner.mirror is not None:
+        if healthy and self.broadcaster is not None:
             try:
-                self.runner.mirror.send("stop")
+                self.broadcaster.send("stop")
             except Exception:  # noqa: BLE001
                 healthy = False
         self._is_closed = True

@@ -30,14 +30,20 @@ def make_sched(num_blocks=64, block_size=4, max_num_tokens=64, max_batch_size=8,
 class FakeRunner:
     """Writes a digest of (salt, tokens[0..p]) into slot(p) for each new token, and before writing
     asserts that every position below num_computed_tokens already holds the right digest: a wrong
-    prefix hit, a stale draft or a missed recomputation shows up as a mismatch."""
+    prefix hit, a stale draft or a missed recomputation shows up as a mismatch.
+
+    Like the real runner it keeps a row per running request built only from the step deltas (new
+    requests once, then new tokens and new block ids), and checks each row against the live request:
+    a delta the scheduler forgot to send shows up as a mismatch too."""
 
     def __init__(self, block_size: int, model=next_token, script: dict[str, list[int]] | None = None):
         self.block_size = block_size
         self.model = model
         self.script = script or {}  # request id -> the tokens it samples, in order (else the model)
         self.kv: dict[int, int] = {}  # slot -> prefix digest
+        self.rows: dict[str, tuple[list[int], list[int]]] = {}  # request id -> (tokens, block table) from deltas
         self.num_steps = 0
+        self.num_delta_tokens = 0  # token ids received, new requests included (what the deltas cost)
 
     def _slot(self, block_ids: list[int], p: int) -> int:
         return block_ids[p // self.block_size] * self.block_size + p % self.block_size
@@ -50,23 +56,46 @@ class FakeRunner:
             out.append(h)
         return out
 
+    def _apply_deltas(self, out: SchedulerOutput) -> None:
+        for rid in out.finished_ids + out.preempted_ids:
+            self.rows.pop(rid, None)
+        for item in out.scheduled:
+            new = item.new_request
+            if new is not None:
+                assert item.request_id not in self.rows, "a held request sent again as new"
+                self.rows[item.request_id] = (list(new.prompt_token_ids) + list(new.output_token_ids), [])
+                self.num_delta_tokens += len(new.prompt_token_ids) + len(new.output_token_ids)
+            tokens, blocks = self.rows[item.request_id]
+            tokens.extend(item.new_token_ids)
+            self.num_delta_tokens += len(item.new_token_ids)
+            del blocks[item.block_ids_start:]
+            blocks.extend(item.new_block_ids)
+            req = item.request
+            assert tokens == req.all_token_ids, item.request_id
+            assert blocks == req.block_ids, item.request_id
+            assert item.draft_token_ids == req.spec_token_ids[:item.num_draft_tokens]
+
     def execute(self, out: SchedulerOutput) -> dict[str, list[int]]:
         self.num_steps += 1
+        self._apply_deltas(out)
         for item in out.scheduled:  # reads: all before any write of this step
             req = item.request
+            tokens, blocks = self.rows[item.request_id]
             assert item.num_computed_tokens == req.num_computed_tokens
-            assert len(item.block_ids) * self.block_size >= item.seq_len
-            want = self._digests(req.cache_salt, req.all_token_ids[:item.num_computed_tokens])
+            assert len(blocks) * self.block_size >= item.seq_len
+            want = self._digests(req.cache_salt, tokens[:item.num_computed_tokens])
             for p, d in enumerate(want):
-                assert self.kv.get(self._slot(item.block_ids, p)) == d, (req.request_id, p)
+                assert self.kv.get(self._slot(blocks, p)) == d, (req.request_id, p)
         sampled = {}
         for item in out.scheduled:
             req = item.request
-            tokens = item.token_ids()
-            assert len(tokens) == item.num_new_tokens
-            full = req.all_token_ids[:item.num_computed_tokens] + tokens
-            for p, d in zip(item.positions(), self._digests(req.cache_salt, full)[item.num_computed_tokens:]):
-                self.kv[self._slot(item.block_ids, p)] = d
+            tokens, blocks = self.rows[item.request_id]
+            start, end = item.num_computed_tokens, item.seq_len - item.num_draft_tokens
+            new = tokens[start:end] + item.draft_token_ids
+            assert new == item.token_ids() and len(new) == item.num_new_tokens
+            full = tokens[:start] + new
+            for p, d in zip(item.positions(), self._digests(req.cache_salt, full)[start:]):
+                self.kv[self._slot(blocks, p)] = d
             if item.is_sampling:
                 sampled[req.request_id] = self._sample(req, full, item.num_draft_tokens)
         return sampled

@@ -6,19 +6,30 @@ import torch
 
 from ember.layers.sampler import Sampler
 from ember.sampling_params import SamplingParams
-from ember.worker.sampling_inputs import build_sampling_metadata
+from ember.worker.sampling_inputs import SamplingState
 
 V = 50
 
 
 def _req(rid, params, outputs=(), prompt=(1, 2, 3), eos=(0,)):
     return SimpleNamespace(request_id=rid, sampling_params=params, output_token_ids=list(outputs),
-                           prompt_token_ids=list(prompt), eos_token_ids=set(eos), matcher=None)
+                           prompt_token_ids=list(prompt), eos_token_ids=list(eos))
 
 
-def _sample(logits, reqs, gens=None):
-    meta = build_sampling_metadata(reqs, {} if gens is None else gens, V, torch.device("cpu"))
-    return Sampler()(logits, meta)
+def _metadata(reqs, state=None):
+    """The runner's path: each request written into a persistent row once, then the rows gathered."""
+    state = state if state is not None else SamplingState(V, torch.device("cpu"))
+    rows = []
+    for r in reqs:
+        if r.request_id not in state.request_ids:
+            row = state.request_ids.index(None) if None in state.request_ids else state.capacity
+            state.add(row, r.request_id, r.sampling_params, r.eos_token_ids, r.prompt_token_ids, r.output_token_ids)
+        rows.append(state.request_ids.index(r.request_id))
+    return state.metadata(rows)
+
+
+def _sample(logits, reqs, state=None):
+    return Sampler()(logits, _metadata(reqs, state))
 
 
 def test_greedy_is_argmax():
@@ -75,17 +86,17 @@ def test_seeded_rows_do_not_depend_on_the_batch():
     torch.manual_seed(4)
     row = torch.randn(V)
     p = SamplingParams(temperature=1.0, seed=1234)
-    alone = [_sample(row[None].clone(), [_req("a", p)], gens := {}).token_ids.item() for _ in range(1)]
-    gens_a: dict = {}
-    seq_alone = [_sample(row[None].clone(), [_req("a", p)], gens_a).token_ids.item() for _ in range(8)]
-    gens_b: dict = {}
+    alone = [_sample(row[None].clone(), [_req("a", p)]).token_ids.item() for _ in range(1)]
+    state_a = SamplingState(V, torch.device("cpu"))
+    seq_alone = [_sample(row[None].clone(), [_req("a", p)], state_a).token_ids.item() for _ in range(8)]
+    state_b = SamplingState(V, torch.device("cpu"))
     seq_batched = []
     for step in range(8):
         others = torch.randn(5, V)
         logits = torch.cat([others[:2], row[None], others[2:]])
         reqs = [_req(f"o{step}{i}", SamplingParams(temperature=0.7)) for i in range(2)] + [_req("a", p)] + \
                [_req(f"q{step}{i}", SamplingParams(temperature=1.0, seed=step)) for i in range(3)]
-        seq_batched.append(_sample(logits, reqs, gens_b).token_ids[2].item())
+        seq_batched.append(_sample(logits, reqs, state_b).token_ids[2].item())
     assert seq_alone == seq_batched
     assert alone[0] == seq_alone[0]
 
@@ -96,7 +107,7 @@ def test_penalties_match_formulas():
     outputs = [7, 7, 9]
     params = SamplingParams(temperature=0, presence_penalty=0.5, frequency_penalty=0.25, repetition_penalty=1.3)
     req = _req("a", params, outputs=outputs, prompt=[3])
-    meta = build_sampling_metadata([req], {}, V, torch.device("cpu"))
+    meta = _metadata([req])
     from ember.layers.sampler import apply_penalties
 
     got = apply_penalties(logits.clone(), meta)[0]
@@ -129,3 +140,25 @@ def test_logprobs_are_the_raw_model_distribution():
     vals, ids = out.top_logprobs
     assert ids[0].tolist() == ref[0].topk(3).indices.tolist()
     assert torch.allclose(vals[0], ref[0].topk(3).values)
+
+
+def test_penalty_counts_are_kept_incrementally():
+    """Counts updated token by token (as the runner does with each step's new tokens) equal counts of the
+    whole history, and a freed row's counts never leak into the next request that takes it."""
+    torch.manual_seed(7)
+    logits = torch.randn(1, V)
+    params = SamplingParams(temperature=0, presence_penalty=0.5, frequency_penalty=0.25, repetition_penalty=1.3)
+    state = SamplingState(V, torch.device("cpu"))
+    state.add(0, "a", params, [0], [3], [7])
+    for t in (7, 9):
+        state.append_tokens(0, [t])
+    from ember.layers.sampler import apply_penalties
+
+    incremental = apply_penalties(logits.clone(), state.metadata([0]))
+    whole = apply_penalties(logits.clone(), _metadata([_req("a", params, outputs=[7, 7, 9], prompt=[3])]))
+    assert torch.equal(incremental, whole)
+    state.remove(0, is_finished=True)
+    state.add(0, "b", params, [0], [4], [])
+    fresh = apply_penalties(logits.clone(), state.metadata([0]))
+    assert torch.equal(fresh, apply_penalties(logits.clone(), _metadata([_req("b", params, prompt=[4])])))
+    assert not torch.equal(fresh, incremental)
