@@ -43,6 +43,10 @@ class AttentionMetadata:
     tree_mask: torch.Tensor | None = None
     # ember.deterministic: attend every token through the same fixed-shape calls (ember.layers.invariant_attention)
     is_deterministic: bool = False
+    # This forward's per-token LoRA adapter slots (ember.lora.LoRABatchMetadata, from LoRAManager.prepare),
+    # read by every Linear an adapter targets; None: no adapter in the step. It rides here because this is
+    # the one metadata object every layer of a forward receives.
+    lora: object | None = None
     # Per-step values the backend derives once and reuses in every layer (masks, index tensors).
     derived: dict = field(default_factory=dict, repr=False, compare=False)
 

@@ -87,7 +87,7 @@ class Linear(nn.Module):
         self.out_features = sum(self.output_sizes)
         self.quant_method = quant_method or UnquantizedMethod()
         self.quant_method.create_weights(self, bias, dtype, torch.device(device))
-        self.lora = None  # ember.lora.LoRALinear, set by a LoRAManager: adds each step's per-token adapter delta
+        self.lora = None  # ember.lora.LoRALinear, set by a LoRAManager: the adapter slots' weights for this layer
 
     @property
     def num_shards(self) -> int:
@@ -175,10 +175,12 @@ class Linear(nn.Module):
     def process_weights_after_loading(self) -> None:
         self.quant_method.process_weights_after_loading(self)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lora=None) -> torch.Tensor:
+        """lora: the forward's per-token adapter slots (ember.lora.LoRABatchMetadata, carried in the attention
+        metadata), or None; used when adapters target this layer."""
         y = self.quant_method.apply(self, x)
-        if self.lora is not None:
-            y = self.lora.apply(x, y)
+        if self.lora is not None and lora is not None:
+            y = self.lora.apply(x, y, lora)
         return self.parallel.all_reduce(y) if self.split == "row" else y  # row-parallel: sum the partial outputs
 
     def extra_repr(self) -> str:

@@ -79,12 +79,11 @@ class LoRALinear:
     a fused layer the rank-wide block k inside it (its B rows are zero outside shard k's output columns).
     """
 
-    def __init__(self, linear, num_slots: int, rank: int, holder, dtype: torch.dtype, device: torch.device):
+    def __init__(self, linear, num_slots: int, rank: int, dtype: torch.dtype, device: torch.device):
         self.output_sizes = list(linear.output_sizes)
         self.rank = rank
         self.num_slots = num_slots
         self.width = len(self.output_sizes) * rank  # W
-        self.holder = holder  # the LoRAManager: `holder.batch` is this step's LoRABatchMetadata or None
         self.a = torch.zeros(num_slots * self.width, linear.in_features, dtype=dtype, device=device)
         self.b = torch.zeros(num_slots * self.width, linear.out_features, dtype=dtype, device=device)
         self.is_packed = can_pack(torch.device(device), dtype)  # bf16 on a CPU: oneDNN-packed copies for the masked path
@@ -105,11 +104,9 @@ class LoRALinear:
             self.b[start:start + r, col:col + b.shape[0]].copy_(b.t())
         self._packed.clear()  # repacked on next use
 
-    def apply(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """x [..., in], y = base(x) [..., out] -> y + this step's LoRA delta (in place where it can)."""
-        meta: LoRABatchMetadata | None = self.holder.batch
-        if meta is None:
-            return y
+    def apply(self, x: torch.Tensor, y: torch.Tensor, meta: LoRABatchMetadata) -> torch.Tensor:
+        """x [..., in], y = base(x) [..., out] -> y + the LoRA delta of `meta`'s token -> slot mapping (in place
+        where it can)."""
         x2 = x.reshape(-1, x.shape[-1])  # [T, in]
         y2 = y.reshape(-1, y.shape[-1])  # [T, out]
         if meta.use_segments:

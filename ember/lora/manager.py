@@ -3,7 +3,8 @@
 All adapters live on the host (validated at load); `max_loras` slots of every targeted Linear's stacked A/B
 live on the device (`LoRALinear`). Each step the runner calls `prepare` with the scheduled requests' adapter
 names: adapters not in a slot are copied into a free one, else into the least recently used slot that this
-step does not need, and the token -> slot mapping (`LoRABatchMetadata`) is set for every LoRA layer to read.
+step does not need, and it returns the token -> slot mapping (`LoRABatchMetadata`), which the runner puts in
+the forward's metadata for every LoRA layer to read (nothing is left set on the manager between steps).
 The scheduler admits at most `max_loras` distinct adapters into the running set, so a step always fits.
 
 Adapters added or removed at run time (from the server's thread) are queued and applied at the start of the
@@ -30,7 +31,7 @@ SEGMENT_MIN_TOKENS_PER_SLOT = 64
 
 
 class LoRAManager:
-    """Serves adapters from `max_loras` device slots. `batch` is this step's LoRABatchMetadata (None: no LoRA)."""
+    """Serves adapters from `max_loras` device slots; `prepare` maps a step's tokens to them."""
 
     def __init__(self, model, *, max_loras: int, max_lora_rank: int, target_modules: list[str] | None,
                  dtype: torch.dtype, device: torch.device):
@@ -46,7 +47,6 @@ class LoRAManager:
         self.slot_last_used: list[int] = [0] * max_loras
         self.num_steps = 0
         self.num_slot_loads = 0  # adapters copied into a slot (first use or after eviction)
-        self.batch: LoRABatchMetadata | None = None
         self._names: list[str] = []  # what requests may name now (includes queued adds, excludes queued removals)
         self._pending: list[tuple[str, str, LoRAAdapter | None]] = []  # ("add"|"remove", name, adapter)
         self._lock = threading.Lock()
@@ -112,7 +112,7 @@ class LoRAManager:
     def _attach(self, path: str) -> None:
         linear = self.model.get_submodule(path)
         assert isinstance(linear, Linear)
-        layer = LoRALinear(linear, self.max_loras, self.rank, self, self.dtype, self.device)
+        layer = LoRALinear(linear, self.max_loras, self.rank, self.dtype, self.device)
         self.layers[path] = layer
         linear.lora = layer
 
@@ -124,7 +124,6 @@ class LoRAManager:
             self._apply_pending(set(names))
         self.num_steps += 1
         if not names:
-            self.batch = None
             return None
         if len(names) > self.max_loras:
             raise RuntimeError(f"{len(names)} LoRA adapters in one step, above max_loras {self.max_loras}")
@@ -141,9 +140,7 @@ class LoRAManager:
         segments = None
         if len(slot_ids) >= SEGMENT_MIN_TOKENS_PER_SLOT * len(names):
             segments = self._segments(slots, [c for _, c in items])
-        self.batch = LoRABatchMetadata(slot_ids.to(self.device, non_blocking=True), num_active, single, self.dtype,
-                                       segments)
-        return self.batch
+        return LoRABatchMetadata(slot_ids.to(self.device, non_blocking=True), num_active, single, self.dtype, segments)
 
     def _segments(self, slots: list[int], counts: list[int]) -> list[tuple[int, slice | torch.Tensor]]:
         """Each adapter slot's token rows: a slice when its requests sit together in the batch, else indices."""

@@ -39,7 +39,7 @@ class Gemma2DecoderLayer(nn.Module):
             hidden, residual = self.input_layernorm(hidden, residual)
         hidden = self.post_attention_layernorm(self.self_attn(hidden, cos, sin, kv_cache, attn_metadata))
         hidden, residual = self.pre_feedforward_layernorm(hidden, residual)
-        return self.post_feedforward_layernorm(self.mlp(hidden)), residual
+        return self.post_feedforward_layernorm(self.mlp(hidden, attn_metadata.lora)), residual
 
 
 class Gemma2ForCausalLM(CausalLM):

@@ -63,7 +63,8 @@ class Attention(nn.Module):
 
     def forward(self, hidden, cos, sin, kv_cache, attn_metadata: AttentionMetadata) -> torch.Tensor:
         num_tokens = hidden.shape[0]
-        qkv = self.qkv_proj(hidden)  # [T, (Hq + 2 Hk) * D]
+        lora = attn_metadata.lora  # this forward's per-token LoRA slots (None: no adapters)
+        qkv = self.qkv_proj(hidden, lora)  # [T, (Hq + 2 Hk) * D]
         # q and k heads are adjacent in qkv: normalize and rotate them as one tensor.
         qk = qkv[:, : self.q_size + self.kv_size].view(num_tokens, self.num_heads + self.num_kv_heads, self.head_dim)
         v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, Hk, D]
@@ -76,7 +77,7 @@ class Attention(nn.Module):
             scale=self.scale, sliding_window=self.sliding_window, logit_softcap=self.logit_softcap,
             kv_scale=getattr(self, "kv_scale", None),  # [2] K/V scales of a quantized (fp8) cache, set by an engine
         )  # [T, Hq, D]
-        return self.o_proj(out.reshape(num_tokens, self.q_size))
+        return self.o_proj(out.reshape(num_tokens, self.q_size), lora)
 
 
 class MLP(nn.Module):
@@ -91,8 +92,9 @@ class MLP(nn.Module):
         self.down_proj = Linear(intermediate_size, hidden_size, bias=bias, dtype=dtype, device=device,
                                 parallel=parallel, split="row")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+    def forward(self, x: torch.Tensor, lora=None) -> torch.Tensor:
+        """lora: the forward's ember.lora.LoRABatchMetadata, or None."""
+        return self.down_proj(self.act(self.gate_up_proj(x, lora)), lora)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -121,7 +123,7 @@ class LlamaDecoderLayer(nn.Module):
             hidden, residual = self.input_layernorm(hidden, residual)
         hidden = self.self_attn(hidden, cos, sin, kv_cache, attn_metadata)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        return self.mlp(hidden, attn_metadata.lora), residual
 
 
 class DecoderModel(nn.Module):

@@ -50,6 +50,7 @@ class ForwardMetadata:
 
     inputs: StepInputs  # token ids, positions, lengths, block-table rows, sampled positions
     tree_mask: torch.Tensor | None = None  # [T, M] bool on CPU: drafts' attention (AttentionMetadata.tree_mask)
+    lora: object | None = None  # ember.lora.LoRABatchMetadata: per-token adapter slots; None: no adapter
 
     @property
     def sample_rows(self) -> list[int]:
@@ -141,11 +142,9 @@ class ModelRunner:
             return out
         inputs, trees = self.batch.prepare(sched_out, spec)
         tree_mask = build_tree_mask(sched_out.scheduled, trees)  # None: no drafts this step
-        if self.lora_manager is not None:  # each token's adapter slot, read by the LoRA layers
-            self.lora_manager.prepare(inputs.lora_items)
-        logits = self.forward(ForwardMetadata(inputs, tree_mask))  # [R, V] float32 (rank 0)
-        if self.lora_manager is not None:
-            self.lora_manager.batch = None  # the mapping belongs to this forward only
+        # each token's adapter slot: travels in this forward's metadata to the LoRA layers
+        lora = self.lora_manager.prepare(inputs.lora_items) if self.lora_manager is not None else None
+        logits = self.forward(ForwardMetadata(inputs, tree_mask, lora))  # [R, V] float32 (rank 0)
         if logits is None or self.sampling is None:
             return out
         items = [(item, row, tree) for item, row, tree in zip(sched_out.scheduled, inputs.rows, trees)
@@ -194,6 +193,7 @@ class ModelRunner:
         self.stager.mark_step()
         if step.tree_mask is not None:
             meta.tree_mask = step.tree_mask.to(self.device)
+        meta.lora = step.lora
         forward = self.compiled.forward if self.compiled is not None else self.model
         hidden = forward(input_ids, pos, self.kv_caches, meta)  # [T, H]
         return self._logits(hidden, step)
@@ -212,7 +212,7 @@ class ModelRunner:
         inputs = step.inputs
         if self.graph_runner is None or step.tree_mask is not None or any(n != 1 for n in inputs.query_lens):
             return None
-        if self.lora_manager is not None and self.lora_manager.batch is not None:
+        if step.lora is not None:
             return None
         meta = build_attention_metadata(inputs.query_lens, inputs.seq_lens, inputs.block_tables, self.block_size, "cpu")
         run = self.graph_runner.maybe_graph(meta)

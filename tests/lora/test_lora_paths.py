@@ -14,14 +14,10 @@ from ember.lora.manager import SEGMENT_MIN_TOKENS_PER_SLOT, LoRAManager
 IN, OUTS, RANK, SLOTS = 48, [40, 24, 24], 4, 4  # a fused q|k|v-like layer: three shards
 
 
-class _Holder:
-    batch = None
-
-
 def _layer(dtype: torch.dtype, seed: int = 0) -> tuple[LoRALinear, dict[int, dict]]:
     """A LoRA layer whose slots 0..2 hold random adapters (slot 1 targets only shards 0 and 2, with rank 2)."""
     linear = Linear(IN, OUTS, dtype=dtype)
-    layer = LoRALinear(linear, SLOTS, RANK, _Holder(), dtype, torch.device("cpu"))
+    layer = LoRALinear(linear, SLOTS, RANK, dtype, torch.device("cpu"))
     gen = torch.Generator().manual_seed(seed)
     weights = {}
     for slot, (shards, r) in enumerate([([0, 1, 2], RANK), ([0, 2], 2), ([0, 1, 2], RANK)]):
@@ -71,9 +67,9 @@ def test_float32_paths_match_reference(case):
     segments = None
     if case.startswith("segments"):
         segments = _segments(slot_ids, contiguous=case == "segments-sliced")
-    layer.holder.batch = _meta(slot_ids, torch.float32, segments)
+    meta = _meta(slot_ids, torch.float32, segments)
     x, y = torch.randn(len(slot_ids), IN), torch.randn(len(slot_ids), sum(OUTS))
-    out = layer.apply(x, y.clone())
+    out = layer.apply(x, y.clone(), meta)
     torch.testing.assert_close(out.double(), _reference(x, y, slot_ids, weights), atol=1e-4, rtol=1e-4)
 
 
@@ -82,9 +78,9 @@ def test_float32_paths_match_reference(case):
 def test_packed_bf16_path_matches_reference(slot_ids):
     layer, weights = _layer(torch.bfloat16)
     assert layer.is_packed
-    layer.holder.batch = _meta(slot_ids, torch.bfloat16)
+    meta = _meta(slot_ids, torch.bfloat16)
     x, y = torch.randn(len(slot_ids), IN, dtype=torch.bfloat16), torch.randn(len(slot_ids), sum(OUTS), dtype=torch.bfloat16)
-    out = layer.apply(x, y.clone())
+    out = layer.apply(x, y.clone(), meta)
     ref = _reference(x, y, slot_ids, weights)
     assert out.dtype == torch.bfloat16 and out.shape == y.shape
     torch.testing.assert_close(out.double(), ref, atol=0.05, rtol=0.02)  # bf16 output rounding
@@ -92,7 +88,7 @@ def test_packed_bf16_path_matches_reference(slot_ids):
     new = {0: (torch.randn(RANK, IN), torch.randn(OUTS[0], RANK))}
     layer.load_slot(0, {k: (a.bfloat16(), b.bfloat16()) for k, (a, b) in new.items()})
     weights[0] = new
-    torch.testing.assert_close(layer.apply(x, y.clone()).double(), _reference(x, y, slot_ids, weights),
+    torch.testing.assert_close(layer.apply(x, y.clone(), meta).double(), _reference(x, y, slot_ids, weights),
                                atol=0.05, rtol=0.02)
 
 

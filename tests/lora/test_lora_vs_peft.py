@@ -52,10 +52,9 @@ def test_mixed_batch_logits_match_peft_merged(lora_models, kind):
     kv = allocate_kv_caches(model.num_layers, next_block, block_size, model.num_kv_heads, model.head_dim,
                             torch.float32, "cpu")
     meta = build_attention_metadata([len(p) for p in prompts], [len(p) for p in prompts], tables, block_size, "cpu")
-    manager.prepare([(name, len(p)) for name, p in zip(MIX, prompts)])
+    meta.lora = manager.prepare([(name, len(p)) for name, p in zip(MIX, prompts)])
     with torch.no_grad():
         logits = model.compute_logits(model(torch.tensor(ids), torch.tensor(pos), kv, meta))  # [T, V]
-    manager.batch = None
     start = 0
     base_ref = merged_reference(base, None)
     for name, p in zip(MIX, prompts):
