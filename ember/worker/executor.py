@@ -121,7 +121,8 @@ class Executor:
     def execute(self, sched_out, spec=None) -> ModelRunnerOutput:
         """Run one step on every rank -> rank 0's sampled tokens. Called for every step, also an empty one
         (it still carries the finished and preempted ids whose rows the runners free)."""
-        if self.broadcaster is not None:
+        has_news = sched_out.scheduled or sched_out.finished_ids or sched_out.preempted_ids
+        if self.broadcaster is not None and has_news:
             self.broadcaster.send("step", (dataclasses.replace(sched_out, grammar=None), spec, self._pending_kv_moves))
             self._pending_kv_moves = None
         out = self.runner.execute(sched_out, spec)

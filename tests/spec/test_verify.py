@@ -10,7 +10,7 @@ from ember.spec.verify import verify_drafts
 def _meta(rows, temperature, gen=None):
     return SamplingMetadata(temperatures=torch.full((rows,), temperature), top_ps=None, top_ks=None, min_ps=None,
                             presence_penalties=None, frequency_penalties=None, repetition_penalties=None,
-                            output_token_ids=None, prompt_token_ids=None, banned_token_ids=None,
+                            output_token_counts=None, prompt_token_mask=None, banned_token_ids=None,
                             generators=[gen] * rows, num_logprobs=[None] * rows,
                             is_all_greedy=temperature == 0, is_all_random=temperature > 0)
 
