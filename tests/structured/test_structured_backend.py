@@ -164,6 +164,14 @@ def test_compile_error_is_invalid_request(backend):
     assert e.value.param == "grammar" and "undefined_rule" in e.value.message
 
 
+def _counts(rows: list[list[int]]) -> torch.Tensor:
+    counts = torch.zeros(len(rows), VOCAB)  # [N, V]
+    for i, ids in enumerate(rows):
+        for t in ids:
+            counts[i, t] += 1
+    return counts
+
+
 def test_sampler_only_draws_allowed_tokens(backend):
     """The runner hook: mask the batch's logits, then the unchanged Sampler (penalties, top-p, seeds)."""
     from ember.layers.sampler import Sampler, SamplingMetadata
@@ -177,8 +185,8 @@ def test_sampler_only_draws_allowed_tokens(backend):
     meta = SamplingMetadata(temperatures=torch.tensor([1.0, 1.0, 0.0]), top_ps=torch.tensor([0.9, 0.9, 0.9]),
                             top_ks=None, min_ps=None, presence_penalties=torch.tensor([0.5, 0.5, 0.5]),
                             frequency_penalties=None, repetition_penalties=torch.tensor([1.3, 1.3, 1.3]),
-                            output_token_ids=torch.tensor([[5, 6], [5, 6], [-1, -1]]),
-                            prompt_token_ids=torch.tensor([[7], [7], [7]]), banned_token_ids=None,
+                            output_token_counts=_counts([[5, 6], [5, 6], []]), prompt_token_mask=_counts([[7]] * 3) > 0,
+                            banned_token_ids=None,
                             generators=gens, num_logprobs=[None, None, None], is_all_greedy=False,
                             is_all_random=False)
     allowed = unpack_bitmask(bitmask, VOCAB)
