@@ -32,7 +32,8 @@ class AttentionMetadata:
     seq_lens: torch.Tensor  # [B] int32: KV length per sequence after this step (cached + new)
     seq_lens_list: list[int]  # seq_lens as python ints
     query_lens_list: list[int]  # new tokens per sequence as python ints
-    block_tables: torch.Tensor  # [B, max_blocks] int32: block ids per sequence, padded with 0
+    block_tables: torch.Tensor  # [B, max_blocks] int32: block ids per sequence; entries past a sequence's
+    # blocks are padding (0, or stale ids of the runner's persistent rows): never read past seq_lens
     max_query_len: int  # max(query_lens_list)
     max_seq_len: int  # max(seq_lens_list)
     is_all_decode: bool  # every sequence has exactly one new token
