@@ -127,3 +127,31 @@ def test_server_tp2_matches_and_dies_with_a_worker(tiny_checkpoints):
         if proc.poll() is None:
             proc.kill()
         proc.wait()
+
+
+def test_tp2_persistent_batch_with_preemption_penalties_seeds_and_tree_drafts(tiny_checkpoints):
+    """Every rank keeps its own persistent batch from the step deltas: rows freed and rebuilt on preemption,
+    KV moves of accepted tree drafts applied by the workers with the next step, sampling only on rank 0."""
+    path = tiny_checkpoints["LlamaForCausalLM"]
+    prompts = [[5, 9, 17, 33, 8, 120] * 3, [100, 3, 4], [7, 8] * 9, [11, 12, 13, 14] * 2]
+    params = [GREEDY, SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, repetition_penalty=1.4,
+                                     frequency_penalty=0.5),
+              SamplingParams(max_tokens=10, temperature=0.9, seed=5, ignore_eos=True), GREEDY]
+    # 2 KB blocks of 8 tokens: 46 KB holds 20 blocks for one rank, 10 per rank for two (the ranks share the
+    # budget), fewer than the 4 requests' 16 at full length: the TP=2 engine preempts
+    overrides = dict(dtype="float32", batch_scheduler_policy="max_utilization", max_num_tokens=16,
+                     kv_cache_memory_bytes=46_000, block_size=8,
+                     speculator=dict(speculative_decoding_mode="LOOKAHEAD_DECODING", lookahead_windows_size=3,
+                                     lookahead_ngram_size=3, lookahead_verification_set_size=3,
+                                     enable_b10_lookahead=True))
+    llm = LLM(str(path), tensor_parallel_count=2, device="cpu", **overrides)
+    sched, preempted = llm.engine.scheduler, []
+    preempt = sched._preempt
+    sched._preempt = lambda req: (preempted.append(req.request_id), preempt(req))
+    try:
+        tp2 = [o.token_ids for o in llm.generate(prompts, params)]
+        drafted = llm.engine.stats_draft_tokens
+    finally:
+        llm.engine.shutdown()
+    assert preempted and drafted > 0
+    assert tp2 == greedy_tokens(path, 1, prompts, params, **overrides)
