@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import statistics
 import tracemalloc
-from types import SimpleNamespace
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
@@ -21,6 +20,7 @@ from ember.engine.output_processor import OutputProcessor
 from ember.outputs import TokenLogprob
 from ember.sampling_params import SamplingParams
 from ember.spec import NoSpeculator
+from ember.structured.manager import StructuredOutputManager
 from ember.worker.model_runner import ModelRunnerOutput
 
 
@@ -37,7 +37,7 @@ def _core() -> EngineCore:
     """An EngineCore over a real scheduler; the model is replaced by the sampled ids we choose."""
     core = EngineCore.__new__(EngineCore)
     core.scheduler = Scheduler(BlockManager(600, 16, False), max_num_tokens=256, max_batch_size=4, max_seq_len=8192)
-    core.runner = SimpleNamespace(free_request=lambda rid: None)
+    core.structured = StructuredOutputManager.__new__(StructuredOutputManager)  # advancing needs no grammar backend
     core.speculator = NoSpeculator()
     core.stats_generation_tokens = core.stats_draft_tokens = core.stats_accepted_tokens = 0
     return core
