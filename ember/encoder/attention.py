@@ -24,7 +24,6 @@ class EncoderMetadata:
     seq_lens: torch.Tensor  # [B] int32
     pad_index: torch.Tensor | None  # [T] int64: each token's row in the flattened [B * L_max] padded batch; None: equal lengths
     key_mask: torch.Tensor | None  # [B, 1, 1, L_max] bool: True for real keys; None: equal lengths
-    lora: None = None  # the decoder layers read the forward's LoRA mapping here; encoders serve no adapters
 
     @property
     def num_seqs(self) -> int:

@@ -10,7 +10,7 @@ from ember.distributed.parallel import SINGLE, ParallelContext
 from ember.layers.attention import get_attention_backend
 from ember.layers.norm import RMSNorm
 from ember.models.base import CausalLM, layer_sliding_window
-from ember.models.llama import MLP, Attention, DecoderModel, head_dim_of
+from ember.models.llama import MLP, Attention, DecoderModel, lora_of, head_dim_of
 
 
 class Gemma2DecoderLayer(nn.Module):
@@ -39,7 +39,7 @@ class Gemma2DecoderLayer(nn.Module):
             hidden, residual = self.input_layernorm(hidden, residual)
         hidden = self.post_attention_layernorm(self.self_attn(hidden, cos, sin, kv_cache, attn_metadata))
         hidden, residual = self.pre_feedforward_layernorm(hidden, residual)
-        return self.post_feedforward_layernorm(self.mlp(hidden, attn_metadata.lora)), residual
+        return self.post_feedforward_layernorm(self.mlp(hidden, lora_of(attn_metadata))), residual
 
 
 class Gemma2ForCausalLM(CausalLM):

@@ -21,6 +21,12 @@ from ember.models.base import CausalLM, head_dim_of, layer_sliding_window
 from ember.models.compiled import paged_attention
 
 
+def lora_of(attn_metadata) -> object | None:
+    """The forward's LoRA mapping (AttentionMetadata.lora); None inside a compiled forward, whose layers get an
+    opaque attention handle instead (ember.models.compiled, which adapters never use) or an encoder's metadata."""
+    return attn_metadata.lora if isinstance(attn_metadata, AttentionMetadata) else None
+
+
 class Attention(nn.Module):
     """Fused-qkv self-attention over the paged cache. hidden [T, H] -> [T, H]."""
 
@@ -63,7 +69,7 @@ class Attention(nn.Module):
 
     def forward(self, hidden, cos, sin, kv_cache, attn_metadata: AttentionMetadata) -> torch.Tensor:
         num_tokens = hidden.shape[0]
-        lora = attn_metadata.lora  # this forward's per-token LoRA slots (None: no adapters)
+        lora = lora_of(attn_metadata)  # this forward's per-token LoRA slots (None: no adapters)
         qkv = self.qkv_proj(hidden, lora)  # [T, (Hq + 2 Hk) * D]
         # q and k heads are adjacent in qkv: normalize and rotate them as one tensor.
         qk = qkv[:, : self.q_size + self.kv_size].view(num_tokens, self.num_heads + self.num_kv_heads, self.head_dim)
@@ -123,7 +129,7 @@ class LlamaDecoderLayer(nn.Module):
             hidden, residual = self.input_layernorm(hidden, residual)
         hidden = self.self_attn(hidden, cos, sin, kv_cache, attn_metadata)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden, attn_metadata.lora), residual
+        return self.mlp(hidden, lora_of(attn_metadata)), residual
 
 
 class DecoderModel(nn.Module):
