@@ -360,8 +360,8 @@ class EmberSection(_Section):
     drain_timeout_s: Annotated[float, Field(strict=True, ge=0)] = 30.0  # on SIGTERM, wait this long for running requests
     max_loras: Annotated[int, Field(strict=True, ge=1, le=256)] = 4  # LoRA adapters in device slots, and per batch
     lora_runtime_dir: Optional[str] = None  # set: /v1/load_lora_adapter may load adapters from inside this directory
-    # batch- and prefix-cache-invariant outputs in every dtype: fixed reduction orders in attention (same key
-    # chunks for every token) at some speed cost; off: bit-identical only when the batch shapes repeat
+    # batch- and prefix-cache-invariant attention (same key chunks for every token), at some speed cost; see
+    # README "Reproducibility" for what is and is not invariant yet
     deterministic: Bool = False
     fault_injection: Optional[FaultInjection] = None  # tests only: see FaultInjection
     strict_model_name: Bool = False  # True: a request `model` that is neither the served name nor an adapter is a 404 (vLLM);
