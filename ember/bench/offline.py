@@ -138,9 +138,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="compare speculative decoding with plain decoding on the same engine (greedy, checked identical)")
     p.add_argument("--workload", choices=["random", "code", "repeat"], default="random",
                    help="random token prompts, or real text prompts (code/JSON, repetitive) through the chat template")
-    p.add_argument("--lookahead-window", type=int, default=4, help="lookahead W")
-    p.add_argument("--lookahead-ngram", type=int, default=4, help="lookahead N")
-    p.add_argument("--lookahead-verify", type=int, default=4, help="lookahead G")
+    p.add_argument("--lookahead-window", type=int, default=None, help="lookahead W (default: tuned per device, "
+                   "ember.bench.spec.DEFAULT_SIZES)")
+    p.add_argument("--lookahead-ngram", type=int, default=None, help="lookahead N (default: tuned per device)")
+    p.add_argument("--lookahead-verify", type=int, default=None, help="lookahead G (default: tuned per device)")
     p.add_argument("--num-draft", type=int, default=8, help="prompt lookup: longest draft")
     p.add_argument("--repeats", type=int, default=2, help="speculator runs: alternate plain/spec this many times")
     p.add_argument("--structured", choices=["none", "json"], default="none",

@@ -92,4 +92,4 @@ def build_engine_setup(cfg) -> EngineSetup:
                 ckpt.architecture, path, device, dtype, num_blocks, em.block_size, max_model_len)
     return EngineSetup(ckpt, tokenizer, ckpt.chat_template, runner, scheduler, max_model_len, num_blocks,
                        em.block_size, list(ckpt.eos_token_ids), device, dtype,
-                       build_speculator(build.speculator, device.type), executor=executor)
+                       build_speculator(build.speculator, device.type, dtype.itemsize), executor=executor)

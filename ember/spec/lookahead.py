@@ -2,8 +2,9 @@
 all in the same forward pass as the request's next token.
 
 Per request, each step builds one draft tree under the root (the last real token, at position L-1):
-- verification branches: the prompt-lookup chain (when b10 lookahead is on) and up to G n-grams of
-  N-1 tokens from the pool whose key is the root token, merged into a trie (shared prefixes once);
+- verification branches: the prompt-lookup chain (when b10 lookahead is on) and up to G candidates of
+  N-1 tokens, merged into a trie (shared prefixes once): first what followed the latest occurrences of
+  the context's longest suffix matches, then n-grams from the pool whose key is the root token;
 - the lookahead branch: a 2D window of N-1 levels x W columns. Token (r, c) sits at position L+c+r
   and its parent is (r-1, c), or (0, c-1) on level 0: it attends to level 0's earlier columns and to
   its own column's lower levels, the causal context Jacobi iteration gives it, and is blind to the
@@ -18,10 +19,13 @@ from __future__ import annotations
 
 import random
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from ember.spec.prompt_lookup import PromptLookupProposer
+from ember.spec.prompt_lookup import PromptLookupProposer, SuffixIndex
 from ember.spec.proposer import Draft, Proposer
+
+
+_MAX_MATCH = 4  # longest context suffix matched when ranking verification candidates
 
 
 class NgramPool:
@@ -83,6 +87,7 @@ class _State:
     chain_len: int = 0  # prompt-lookup chain length in the last draft
     window_start: int = -1  # first window node in the last draft (-1: no window)
     sizes: tuple[int, int, int] = (0, 0, 0)  # W, N, G the request runs with
+    index: SuffixIndex = field(default_factory=lambda: SuffixIndex(_MAX_MATCH))  # context n-gram -> latest end
 
 
 class LookaheadProposer(Proposer):
@@ -124,8 +129,17 @@ class LookaheadProposer(Proposer):
         if use_pl:
             chain = self.prompt_lookup.propose(req, max_len)
             st.chain_len = len(tb.add_chain(chain.token_ids, max_len)) if chain else 0
-        if n >= 2:
+        if n >= 2 and g:
+            # The context's own continuations first (what followed the latest occurrences of its longest
+            # suffix matches: on CPU every draft token costs compute, so the likeliest go first), then the
+            # pool's n-grams keyed by the last token (the window's guesses and older context), most recent first.
+            cands = st.index.continuations(tokens, n - 1, g)
             for cand in st.pool.candidates(tokens[-1], g):
+                if len(cands) >= g:
+                    break
+                if list(cand) not in cands:
+                    cands.append(list(cand))
+            for cand in cands:
                 tb.add_chain(cand, max_len)
         st.window_start = -1
         window_size = len(st.levels) * w

@@ -28,16 +28,29 @@ class SuffixIndex:
 
     def lookup(self, tokens: list[int], max_len: int, min_match: int = 1) -> list[int]:
         """Up to max_len tokens that followed the latest occurrence of the longest matching suffix."""
-        num = len(tokens)
-        self.extend(tokens, num - 1)  # every n-gram but the suffix itself
-        for n in range(min(self.max_match, num - 1), min_match - 1, -1):
-            end = self.last_end.get(tuple(tokens[num - n:]))
-            if end is not None:
-                out: list[int] = []
-                for k in range(end + 1, end + 1 + max_len):
-                    out.append(tokens[k] if k < num else out[k - num])
-                return out
-        return []
+        found = self.continuations(tokens, max_len, 1, min_match)
+        return found[0] if found else []
+
+    def continuations(self, tokens: list[int], max_len: int, num: int, min_match: int = 1) -> list[list[int]]:
+        """Up to `num` distinct continuations (max_len tokens each at most) of the context's suffix: what
+        followed the latest occurrence of its longest match first, then of shorter matches."""
+        n_tok = len(tokens)
+        self.extend(tokens, n_tok - 1)  # every n-gram but the suffix itself
+        found: list[list[int]] = []
+        ends: set[int] = set()
+        for n in range(min(self.max_match, n_tok - 1), min_match - 1, -1):
+            end = self.last_end.get(tuple(tokens[n_tok - n:]))
+            if end is None or end in ends:
+                continue
+            ends.add(end)
+            out: list[int] = []
+            for k in range(end + 1, end + 1 + max_len):
+                out.append(tokens[k] if k < n_tok else out[k - n_tok])
+            if out not in found:
+                found.append(out)
+                if len(found) >= num:
+                    break
+        return found
 
 
 class PromptLookupProposer(Proposer):

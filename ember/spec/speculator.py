@@ -9,8 +9,8 @@ Who speculates. Only requests that decode (their next step feeds exactly their l
 whose sampling the verifier reproduces exactly (no penalties, no logprobs, past min_tokens), that are
 not backing off. Back-off: after `max_misses` speculative steps in a row with nothing accepted, a
 request skips speculation for a cooldown that doubles up to `max_cooldown` steps. Batch back-off:
-drafts of the whole step are capped at `max_spec_tokens` minus the decoding requests, shared out in
-batch order, so large batches (where verifying costs compute that a batch-1 step leaves idle) stop
+drafts of the whole step are capped at `max_spec_tokens` minus the decoding requests, shared out
+evenly (what one request leaves goes to the later ones), so large batches (where verifying costs compute that a batch-1 step leaves idle) stop
 speculating. Seeded sampled requests are exempt from the batch cap, so their drafts, and hence their
 tokens, never depend on what else is in the batch.
 """
@@ -65,11 +65,13 @@ class Speculator:
         for req in decoding:
             req.spec_token_ids = []  # stale drafts of a step the budget skipped
         budget = self.max_spec_tokens - len(decoding)
+        num_capped = sum(not _is_seeded_sampling(r) for r in decoding)
         for req in sorted(decoding, key=lambda r: not _is_seeded_sampling(r)):  # stable: batch order kept
             exempt = _is_seeded_sampling(req)
             room = min(self.max_draft_len, req.max_tokens - req.num_output_tokens - 1)
             if not exempt:
-                room = min(room, budget)
+                room = min(room, budget // max(1, num_capped))  # a fair share; what one leaves, later ones get
+                num_capped -= 1
             if room <= 0 or not self._may_speculate(req):
                 continue
             draft = self.proposer.propose(req, room)
@@ -146,8 +148,20 @@ def _is_seeded_sampling(req) -> bool:
     return req.sampling_params.seed is not None and req.sampling_params.temperature > 0
 
 
-def build_speculator(spec_cfg, device_type: str = "cpu"):
-    """A Speculator from `build.speculator` (ember.config SpeculatorConfig), or NoSpeculator for None."""
+def max_spec_tokens(device_type: str, dtype_bytes: int) -> int:
+    """Tokens per step (decodes + drafts) before drafts stop. A GPU verifies thousands of tokens for the
+    price of one decode. A CPU step costs streaming the weights once plus ~600 framework calls, and beyond a
+    few dozen tokens each extra token costs its own matrix work: drafts there must stay within that knee
+    (measured with `ember bench offline --speculator`: 4 requests x 25-token trees ran at 0.87x, 4 x 9-token
+    chains at 3.3x); 16-bit matmuls are ~4x faster than fp32 on CPUs with bf16 units, so the knee is higher."""
+    if device_type != "cpu":
+        return 2048
+    return 48 if dtype_bytes >= 4 else 96
+
+
+def build_speculator(spec_cfg, device_type: str = "cpu", dtype_bytes: int = 2):
+    """A Speculator from `build.speculator` (ember.config SpeculatorConfig), or NoSpeculator for None.
+    `dtype_bytes`: the engine's activation dtype size (the CPU budget depends on it)."""
     if spec_cfg is None:
         return NoSpeculator()
     w, n, g = spec_cfg.lookahead_windows_size, spec_cfg.lookahead_ngram_size, spec_cfg.lookahead_verification_set_size
@@ -156,7 +170,6 @@ def build_speculator(spec_cfg, device_type: str = "cpu"):
     # our tree: window W x (N-1), G branches of N-1, the prompt-lookup chain of N-1
     tree_len = (w + g + (1 if pl else 0)) * max(0, n - 1)
     max_draft_len = max(spec_cfg.max_draft_len, tree_len)
-    max_spec_tokens = 256 if device_type == "cpu" else 2048
-    return Speculator(proposer, max_draft_len, max_spec_tokens,
+    return Speculator(proposer, max_draft_len, max_spec_tokens(device_type, dtype_bytes),
                       maxima={"lookahead_windows_size": w, "lookahead_ngram_size": n,
                               "lookahead_verification_set_size": g})

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ember.layers.batched_attention import is_head_major
+
 
 @dataclass
 class SpecDecodeMetadata:
@@ -120,5 +122,10 @@ def copy_kv_slots(kv_caches: list[torch.Tensor], src: list[int], dst: list[int])
     s = torch.tensor(src, dtype=torch.int64, device=dev)
     d = torch.tensor(dst, dtype=torch.int64, device=dev)
     for cache in kv_caches:
-        flat = cache.view(2, -1, cache.shape[3], cache.shape[4])  # [2, slots, Hk, D]
-        flat.index_copy_(1, d, flat.index_select(1, s))
+        if is_head_major(cache):  # index the memory's own layout: contiguous rows of D
+            phys = cache.permute(0, 3, 1, 2, 4)  # [2, Hk, num_blocks, block_size, D], contiguous
+            flat = phys.reshape(2, phys.shape[1], -1, phys.shape[4])  # [2, Hk, slots, D], a view
+            flat.index_copy_(2, d, flat.index_select(2, s))
+        else:
+            flat = cache.view(2, -1, cache.shape[3], cache.shape[4])  # [2, slots, Hk, D]
+            flat.index_copy_(1, d, flat.index_select(1, s))

@@ -88,3 +88,42 @@ def test_lookahead_tree_window_and_pool():
 def test_rope_positions_chain():
     assert rope_positions(10, 4, 3, None) == [10, 11, 12, 13]
     assert rope_positions(10, 4, 3, chain_parents(3)) == [10, 11, 12, 13]
+
+
+def test_suffix_index_continuations_longest_match_first():
+    toks = [1, 2, 3, 4, 9, 3, 5, 6, 2, 3]
+    # suffix (2, 3) last ended at 2 (-> 4, 9); the shorter (3,) last ended at 5 (-> 5, 6)
+    assert SuffixIndex(4).continuations(toks, 2, 3) == [[4, 9], [5, 6]]
+    assert SuffixIndex(4).continuations(toks, 2, 1) == [[4, 9]]
+
+
+def test_lookahead_verifies_the_longest_context_match_before_recent_ngrams():
+    la = LookaheadProposer(1, 3, 2)
+    # after "7 8" came "1 2" long ago; "8" was most recently followed by "5 6"
+    req = _Req([7, 8, 1, 2, 0, 3, 8, 5, 6, 4, 7, 8])
+    d = la.propose(req, 100)
+    assert d.token_ids[:4] == [1, 2, 5, 6] and d.parents[:4] == [-1, 0, -1, 2]
+
+
+def test_speculator_shares_the_step_budget_evenly():
+    from ember.spec.proposer import Draft, Proposer
+    from ember.spec.speculator import Speculator
+
+    class Long(Proposer):
+        def propose(self, req, max_len):
+            return Draft([5] * max_len)
+
+    class R(_Req):
+        num_output_tokens, max_tokens = 0, 100
+
+        @property
+        def num_computed_tokens(self):
+            return len(self.all_token_ids) - 1
+
+        num_tokens = property(lambda self: len(self.all_token_ids))
+
+    reqs = [R([1, 2, 3], rid=str(i)) for i in range(3)]
+    for r in reqs:
+        r.matcher = None
+    Speculator(Long(), max_draft_len=16, max_spec_tokens=3 + 10).propose(reqs)
+    assert [len(r.spec_token_ids) for r in reqs] == [3, 3, 4]  # 10 drafts over 3 requests, none starved
