@@ -10,6 +10,8 @@ _MODELS: dict[str, tuple[str, str]] = {
     "Qwen2ForCausalLM": ("ember.models.llama", "Qwen2ForCausalLM"),
     "Qwen3ForCausalLM": ("ember.models.llama", "Qwen3ForCausalLM"),
     "Gemma2ForCausalLM": ("ember.models.gemma", "Gemma2ForCausalLM"),
+    "Gemma3ForCausalLM": ("ember.models.gemma3", "Gemma3ForCausalLM"),
+    "Gemma3ForConditionalGeneration": ("ember.models.gemma3", "Gemma3ForConditionalGeneration"),
     "Phi3ForCausalLM": ("ember.models.phi3", "Phi3ForCausalLM"),
 }
 

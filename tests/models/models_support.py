@@ -33,6 +33,17 @@ VARIANTS = {
     "gemma2": ("Gemma2Config", dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=8,
                                      attn_logit_softcapping=2.0, final_logit_softcapping=3.0,
                                      tie_word_embeddings=True)),
+    "gemma3": ("Gemma3TextConfig", dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=6,
+                                         num_hidden_layers=3, sliding_window_pattern=2, rope_local_base_freq=100.0,
+                                         rope_theta=50000.0, tie_word_embeddings=True)),
+    # Gemma 3's vision-language checkpoint: ember loads the language model under model.language_model.
+    "gemma3_vl": ("Gemma3Config", dict(text_config=dict(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=128, initializer_range=0.1,
+        query_pre_attn_scalar=16, sliding_window=5),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=28, patch_size=14), mm_tokens_per_image=4, image_token_index=255,
+        tie_word_embeddings=True)),
     "phi3": ("Phi3Config", dict(partial_rotary_factor=0.5, pad_token_id=0)),
     "phi3_longrope": ("Phi3Config", dict(
         max_position_embeddings=64, original_max_position_embeddings=16, pad_token_id=0,
@@ -40,6 +51,8 @@ VARIANTS = {
                          "short_factor": [1.0 + 0.1 * i for i in range(8)],
                          "long_factor": [2.0 + 0.5 * i for i in range(8)]})),
 }
+
+_ARCHS = {"Gemma3TextConfig": "Gemma3ForCausalLM", "Gemma3Config": "Gemma3ForConditionalGeneration"}
 
 
 @pytest.fixture(scope="session")
@@ -49,9 +62,10 @@ def checkpoints(tmp_path_factory) -> dict[str, str]:
     out = {}
     for name, (cls_name, overrides) in VARIANTS.items():
         torch.manual_seed(0)
-        cfg = getattr(transformers, cls_name)(**{**_COMMON, **overrides})
+        kwargs = overrides if "text_config" in overrides else {**_COMMON, **overrides}
+        cfg = getattr(transformers, cls_name)(**kwargs)
         cfg._attn_implementation = "eager"
-        arch = cls_name.replace("Config", "ForCausalLM")
+        arch = _ARCHS.get(cls_name, cls_name.replace("Config", "ForCausalLM"))
         model = getattr(transformers, arch)(cfg).eval()
         path = root / name
         model.save_pretrained(path, safe_serialization=True)
