@@ -11,7 +11,7 @@ stream of deltas) split the text into `reasoning_content`, `content` and `tool_c
 Decisions: tool_choice "none" keeps the tools out of the prompt and parses nothing; "auto" leaves
 the output free and parses `<tool_call>` blocks afterwards; "required" / a named function constrain
 the output to valid calls (that wins over a response_format in the same request). Any call found
-makes finish_reason "tool_calls" (unless the output was cut by max_tokens). A model reasons when
+makes finish_reason "tool_calls"; tool markup never reaches `content`. A model reasons when
 its rendered prompt ends in `<think>` or its template knows `</think>` and the prompt does not
 already close it; the constraint then starts after `</think>`.
 """
@@ -107,11 +107,13 @@ def parse_chat_output(text: str, meta: ChatOutputMetadata) -> ParsedChatOutput:
     if meta.tool_names is None:
         return ParsedChatOutput(text, reasoning)
     content, calls = parse_tool_calls(text, meta.tool_names)
-    return ParsedChatOutput(content if calls else text, reasoning, [c.to_openai() for c in calls])
+    return ParsedChatOutput(content, reasoning, [c.to_openai() for c in calls])
 
 
 def chat_finish_reason(finish_reason: str | None, has_calls: bool) -> str | None:
-    return "tool_calls" if has_calls and finish_reason not in (None, "length") else finish_reason
+    """"tool_calls" whenever calls are returned (also when max_tokens cut what followed them: clients'
+    agent loops key on it); else the engine's reason."""
+    return "tool_calls" if has_calls and finish_reason is not None else finish_reason
 
 
 class ChatOutputParser:

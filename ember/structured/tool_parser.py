@@ -1,7 +1,9 @@
 """Reading tool calls and reasoning out of generated text, whole or as a stream of deltas.
 
 Tool calls are `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks (Hermes / Qwen
-style); a block whose JSON is not a call stays in the content. `parse_tool_calls` runs the same
+style). Tool markup never reaches the content: a block whose JSON is not a call of a given tool, or
+one cut off by max_tokens, is dropped, and a call that repeats an earlier one exactly (same name,
+same arguments) is dropped too (a small model looping on one call did not ask for it twice). `parse_tool_calls` runs the same
 state machine as `ToolCallStreamParser`, so a streamed response and a whole one agree. Reasoning is
 the text before `</think>` (a leading `<think>` is dropped).
 """
@@ -115,25 +117,24 @@ class ToolCallStreamParser:
             if j < 0:
                 return out
             inner, self._buf, self._in_call = self._buf[:j], self._buf[j + len(TOOL_CALL_END):], False
-            self._close_call(out, inner, TOOL_CALL_BEGIN + inner + TOOL_CALL_END)
+            self._close_call(out, inner)
 
     def finish(self) -> StreamDelta:
         """End of output: an unclosed call (cut by max_tokens) is a call if its JSON is complete,
-        else content; a held tail is content."""
+        else dropped; a held tail is content."""
         out = StreamDelta()
         rest, self._buf = self._buf, ""
         if self._in_call:
             self._in_call = False
-            self._close_call(out, rest, TOOL_CALL_BEGIN + rest)
+            self._close_call(out, rest)
         else:
             self._content(out, rest)
         return out
 
-    def _close_call(self, out: StreamDelta, inner: str, raw: str) -> None:
+    def _close_call(self, out: StreamDelta, inner: str) -> None:
         call = parse_call_json(inner.strip(), self.tool_names)
-        if call is None:
-            self._content(out, raw)
-            return
+        if call is None or any((c.name, c.arguments) == (call.name, call.arguments) for c in self.calls):
+            return  # markup is never content; an exact repeat is not a second call
         self._pending_ws = ""
         index = len(self.calls)
         self.calls.append(call)

@@ -186,4 +186,10 @@ def _tool_calls_ebnf(funcs_json: str, parallel: bool) -> str:
         begin = f'{TOOL_CALL_BEGIN}\n{{"name": {json.dumps(f["name"])}, "arguments": '
         tags.append(TagFormat(begin=begin, content=GrammarFormat(grammar=str(args)), end=f"}}\n{TOOL_CALL_END}"))
     fmt = TagsWithSeparatorFormat(tags=tags, separator="\n", at_least_one=True, stop_after_first=not parallel)
-    return str(xgr.Grammar.from_structural_tag(StructuralTag(format=fmt)))
+    ebnf = str(xgr.Grammar.from_structural_tag(StructuralTag(format=fmt)))
+    # After any complete call the model may end, also after the newline a template writes after a block:
+    # a newline must not commit it to another call (a small model would then repeat calls to max_tokens).
+    calls_rule = "tool_calls_root"
+    lines = [calls_rule + line[len("root"):] if line.startswith("root ::=") else line for line in ebnf.splitlines()]
+    assert any(line.startswith(calls_rule) for line in lines), "xgrammar's structural-tag EBNF has no root rule"
+    return "\n".join(lines) + f'\nroot ::= {calls_rule} ("\\n")?\n'

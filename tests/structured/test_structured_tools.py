@@ -93,7 +93,7 @@ def test_parse_tool_calls_whole_text():
     assert calls[0].id != calls[1].id and calls[0].to_openai()["type"] == "function"
     assert parse_tool_calls("just text") == ("just text", [])
     bad = '<tool_call>{"name": "get_weather", "arguments": {broken</tool_call>'
-    assert parse_tool_calls(bad) == (bad, [])  # invalid JSON stays content
+    assert parse_tool_calls(bad) == (None, [])  # invalid JSON is dropped: tool markup never reaches content
     assert parse_tool_calls('<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>', tool_names=SCHEMAS)[1] == []
     _, calls = parse_tool_calls('{"name": "add", "arguments": {"a": 1, "b": 2}}')  # bare JSON call
     assert calls[0].name == "add"
@@ -142,7 +142,7 @@ def test_stream_parser_plain_text_and_unclosed_tag():
     content, calls, _ = stream("Hello there, no tools needed.\n", [3])
     assert content == "Hello there, no tools needed." and not calls
     content, calls, _ = stream("Oops <tool_call>{\"name\": \"add\", \"argu", [4])
-    assert content == 'Oops <tool_call>{"name": "add", "argu' and not calls
+    assert content == 'Oops' and not calls  # a block cut off by max_tokens is dropped, never content
     content, calls, _ = stream("ends with <tool_", [2])
     assert content == "ends with <tool_"
 
