@@ -13,6 +13,8 @@ _MODELS: dict[str, tuple[str, str]] = {
     "Gemma3ForCausalLM": ("ember.models.gemma3", "Gemma3ForCausalLM"),
     "Gemma3ForConditionalGeneration": ("ember.models.gemma3", "Gemma3ForConditionalGeneration"),
     "Phi3ForCausalLM": ("ember.models.phi3", "Phi3ForCausalLM"),
+    "MixtralForCausalLM": ("ember.models.moe", "MixtralForCausalLM"),
+    "Qwen3MoeForCausalLM": ("ember.models.moe", "Qwen3MoeForCausalLM"),
 }
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(_MODELS)

@@ -44,6 +44,9 @@ VARIANTS = {
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                            image_size=28, patch_size=14), mm_tokens_per_image=4, image_token_index=255,
         tie_word_embeddings=True)),
+    "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=48)),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                         head_dim=16, norm_topk_prob=False, mlp_only_layers=[1])),
     "phi3": ("Phi3Config", dict(partial_rotary_factor=0.5, pad_token_id=0)),
     "phi3_longrope": ("Phi3Config", dict(
         max_position_embeddings=64, original_max_position_embeddings=16, pad_token_id=0,

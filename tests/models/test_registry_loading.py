@@ -14,7 +14,7 @@ from ember.models.registry import SUPPORTED_ARCHITECTURES, get_model_class
 
 
 def test_registry_lists_supported_on_unknown():
-    assert len(SUPPORTED_ARCHITECTURES) == 8
+    assert len(SUPPORTED_ARCHITECTURES) == 10
     for arch in SUPPORTED_ARCHITECTURES:
         assert get_model_class(arch).__name__ == arch
     with pytest.raises(ValueError, match="unsupported architecture 'FalconForCausalLM'.*LlamaForCausalLM.*Phi3"):
