@@ -3,7 +3,8 @@
 Gemma 2's block (four (1 + w) norms, sqrt(hidden) embedding scale, query_pre_attn_scalar) plus per-head (1 + w)
 q/k RMSNorm before rotary, interleaved sliding/global layers from `layer_types`, and two rotary tables: sliding
 layers rotate with `rope_parameters["sliding_attention"]` (rope_local_base_freq), global layers with
-`rope_parameters["full_attention"]`. Soft-capping applies only where the config sets it (None by default).
+`rope_parameters["full_attention"]`. Soft-capping as transformers applies it: `attn_logit_softcapping` never (Gemma3Attention does not pass it),
+`final_logit_softcapping` only in Gemma3ForCausalLM (Gemma3ForConditionalGeneration's head does not cap).
 """
 
 from __future__ import annotations
@@ -69,7 +70,6 @@ class Gemma3DecoderLayer(nn.Module):
             h, cfg.num_attention_heads, cfg.num_key_value_heads, head_dim,
             backend=backend, scale=cfg.query_pre_attn_scalar**-0.5, qkv_bias=bias, o_bias=bias,
             sliding_window=layer_sliding_window(cfg, layer_idx),
-            logit_softcap=getattr(cfg, "attn_logit_softcapping", None),
             dtype=dtype, device=device, parallel=parallel,
         )
         attn = self.self_attn
@@ -149,6 +149,11 @@ class Gemma3ForConditionalGeneration(Gemma3ForCausalLM):
     _TEXT_PREFIXES = ("model.language_model.", "language_model.model.")
     _VISION_PREFIXES = ("model.vision_tower.", "model.multi_modal_projector.", "vision_tower.",
                         "multi_modal_projector.")
+
+    def __init__(self, hf_config, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 parallel: ParallelContext = SINGLE):
+        super().__init__(hf_config, dtype, device, parallel)
+        self.final_logit_softcap = None  # transformers' Gemma3ForConditionalGeneration returns uncapped logits
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         def text_only():

@@ -35,12 +35,13 @@ VARIANTS = {
                                      tie_word_embeddings=True)),
     "gemma3": ("Gemma3TextConfig", dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=6,
                                          num_hidden_layers=3, sliding_window_pattern=2, rope_local_base_freq=100.0,
-                                         rope_theta=50000.0, tie_word_embeddings=True)),
+                                         rope_theta=50000.0, attn_logit_softcapping=2.0,
+                                         final_logit_softcapping=3.0, tie_word_embeddings=True)),
     # Gemma 3's vision-language checkpoint: ember loads the language model under model.language_model.
     "gemma3_vl": ("Gemma3Config", dict(text_config=dict(
         vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, max_position_embeddings=128, initializer_range=0.1,
-        query_pre_attn_scalar=16, sliding_window=5),
+        query_pre_attn_scalar=16, sliding_window=5, attn_logit_softcapping=4.0, final_logit_softcapping=5.0),
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                            image_size=28, patch_size=14), mm_tokens_per_image=4, image_token_index=255,
         tie_word_embeddings=True)),
