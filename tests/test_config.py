@@ -91,6 +91,7 @@ BAD = [
     (_build(max_batch_size=True), "trt_llm.build.max_batch_size: True is not an integer"),
     (_build(max_seq_length=4096), "trt_llm.build.max_seq_length: unknown key 'max_seq_length'; did you mean 'max_seq_len'?"),
     (_build(pipeline_parallel_count=2), "trt_llm.build.pipeline_parallel_count: 2 is not supported"),
+    (_build(moe_expert_parallel_option=2), "trt_llm.build.moe_expert_parallel_option: 2 is not supported: expert"),
     (_build(max_beam_width=4), "trt_llm.build.max_beam_width: 4 is not supported: beam search"),
     (_build(base_model="whisper"), "trt_llm.build.base_model: 'whisper' is not supported"),
     (_build(base_model="encoder", lora_adapters={"a": {"source": "LOCAL", "repo": "/tmp"}}),

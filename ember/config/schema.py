@@ -203,6 +203,8 @@ class BuildConfig(_Section):
     tensor_parallel_count: PosInt = 1
     pipeline_parallel_count: PosInt = 1
     sequence_parallel_count: PosInt = 1
+    # Baseten's MoE option: -1 (the default, no expert parallelism) or 1 accepted; experts run on every rank
+    moe_expert_parallel_option: Annotated[int, Field(strict=True, ge=-1)] = -1
     plugin_configuration: PluginConfiguration = PluginConfiguration()
     num_builder_gpus: Optional[PosInt] = None  # accepted; the build runs where ember runs
     speculator: Optional[SpeculatorConfig] = None
@@ -256,6 +258,16 @@ class BuildConfig(_Section):
     def _no_pp(cls, v):
         if v > 1:
             raise ValueError(f"{v} is not supported: only tensor parallelism is implemented; use tensor_parallel_count")
+        return v
+
+    @field_validator("moe_expert_parallel_option")
+    @classmethod
+    def _no_ep(cls, v):
+        if v > 1:
+            raise ValueError(f"{v} is not supported: expert parallelism is not implemented; use -1 (experts on "
+                             "every rank)")
+        if v == 0:
+            raise ValueError("0 is not a valid expert-parallel size; use -1 (experts on every rank)")
         return v
 
     @field_validator("max_prompt_embedding_table_size")
