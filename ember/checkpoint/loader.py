@@ -7,6 +7,7 @@ Pickled weights (pytorch_model.bin) are never loaded.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,10 @@ from ember.checkpoint.gguf_weights import gguf_architecture, iter_gguf_weights
 
 if TYPE_CHECKING:
     from ember.checkpoint.gguf_grid import Int4Grid
+
+logger = logging.getLogger(__name__)
+# vision-language architectures whose text model ember serves (the config's text_config describes it)
+_TEXT_OF_MULTIMODAL = ("Gemma3ForConditionalGeneration",)
 
 
 @dataclass
@@ -111,6 +116,10 @@ def _load_dir(path: Path) -> Checkpoint:
     if not architectures:
         raise ValueError(f"{path / 'config.json'} names no `architectures`, so the model class is unknown.")
     eos_ids = _as_ids(getattr(hf_config, "eos_token_id", None))
+    if architectures[0] in _TEXT_OF_MULTIMODAL:  # ember serves the language model: its config is the model's
+        logger.info("%s: vision tower ignored; serving the language model only", architectures[0])
+        hf_config = hf_config.get_text_config()
+        hf_config.architectures = architectures
     generation = _read_json(path / "generation_config.json")
     eos_ids = list(dict.fromkeys(eos_ids + _as_ids(generation.get("eos_token_id"))))
     bos = getattr(hf_config, "bos_token_id", None)
