@@ -150,7 +150,7 @@ def test_tp2_persistent_batch_with_preemption_penalties_seeds_and_tree_drafts(ti
     sched._preempt = lambda req: (preempted.append(req.request_id), preempt(req))
     try:
         tp2 = [o.token_ids for o in llm.generate(prompts, params)]
-        drafted = llm.engine.stats_draft_tokens
+        drafted = llm.engine.core.stats_draft_tokens
     finally:
         llm.engine.shutdown()
     assert preempted and drafted > 0

@@ -13,10 +13,11 @@ from triton.compiler import ASTSource
 from ember.layers.triton.paged_attention import _paged_attention_kernel as kernel
 
 def signature(q: str, cache: str) -> dict:
-    types = [f"*{q}", "*fp32", "*fp32", f"*{q}", f"*{cache}", f"*{cache}", "*i32", "*i32", "*i32", "*u8", "*fp32"]
+    types = [f"*{q}", "*fp32", "*fp32", f"*{q}", f"*{cache}", f"*{cache}", "*i32", "*i32", "*i32", "*u8", "*i32",
+             "*fp32"]
     names = kernel.arg_names
-    sig = dict(zip(names, types))  # the 11 pointers come first
-    sig.update({names[11]: "fp32", names[12]: "fp32"})  # scale, softcap
+    sig = dict(zip(names, types))  # the 12 pointers come first (mask, then the tree's logical positions)
+    sig.update({"scale": "fp32", "softcap": "fp32"})
     for name in kernel.arg_names[len(sig):]:
         sig.setdefault(name, "i32")
     return sig
