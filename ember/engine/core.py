@@ -9,6 +9,7 @@ for the server (ember.engine.core_proc).
 from __future__ import annotations
 
 import logging
+import time
 
 from ember.core.request import Request, RequestStatus
 from ember.engine.messages import EngineCoreOutput, EngineCoreRequest, EngineInfo, EngineStats
@@ -77,6 +78,7 @@ class EngineCore:
 
     # ---- the main loop --------------------------------------------------------------------------
     def step(self) -> list[EngineCoreOutput]:
+        start = time.monotonic()
         spec = self.speculator.propose(self.scheduler.running)  # sets request.spec_token_ids
         sched_out = self.scheduler.schedule()
         num_before = {item.request.request_id: item.request.num_output_tokens for item in sched_out.scheduled}
@@ -84,16 +86,17 @@ class EngineCore:
         runner_out = self.executor.execute(sched_out, spec)  # also when empty: it frees finished rows
         self.scheduler.update(sched_out, runner_out.sampled_token_ids)
         self.speculator.observe(sched_out, runner_out.spec)
-        return self._outputs(sched_out, runner_out, num_before)
+        return self._outputs(sched_out, runner_out, num_before, start)
 
-    def _outputs(self, sched_out, runner_out: ModelRunnerOutput, num_before: dict[str, int]) -> list[EngineCoreOutput]:
+    def _outputs(self, sched_out, runner_out: ModelRunnerOutput, num_before: dict[str, int],
+                 start: float) -> list[EngineCoreOutput]:
         """One delta per scheduled sequence: the tokens update() kept (drafts past a stop are cut there)."""
         outputs = []
         for item in sched_out.scheduled:
             seq = item.request
             rid = seq.request_id
             new_ids = seq.output_token_ids[num_before[rid]:]  # a tail slice: this step's tokens only
-            out = EngineCoreOutput(rid, new_ids, num_cached_tokens=seq.num_cached_tokens)
+            out = EngineCoreOutput(rid, new_ids, num_cached_tokens=seq.num_cached_tokens, step_start_time=start)
             logprobs = runner_out.logprobs.get(rid)
             if logprobs is not None:
                 out.new_logprobs = logprobs[:len(new_ids)]

@@ -40,6 +40,7 @@ class EngineCoreOutput:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     num_draft_tokens: int = 0  # speculative tokens verified this step
     num_accepted_tokens: int = 0  # of those, accepted
+    step_start_time: float | None = None  # time.monotonic() when this step began (one clock for the host's processes)
 
 
 @dataclass

@@ -108,8 +108,8 @@ class OutputProcessor:
         if comp.finished:
             return False
         m.num_steps += 1
-        if m.first_scheduled_time is None:
-            m.first_scheduled_time = now
+        if m.first_scheduled_time is None:  # when its first step began, not when that step's output arrived
+            m.first_scheduled_time = out.step_start_time if out.step_start_time is not None else now
             m.num_cached_tokens = out.num_cached_tokens
         m.num_draft_tokens += out.num_draft_tokens
         m.num_accepted_tokens += out.num_accepted_tokens

@@ -63,7 +63,7 @@ def _step_peaks(num_warm: int, num_measured: int = 32) -> list[int]:
         if is_measured:
             tracemalloc.start()
             base = tracemalloc.get_traced_memory()[0]
-        deltas = core._outputs(sched_out, runner_out, num_before)  # the core's half of the step
+        deltas = core._outputs(sched_out, runner_out, num_before, float(step))  # the core's half of the step
         (out,) = front.process(deltas, float(step)).request_outputs  # the front end's half
         comp = out.outputs[0]
         new_text, new_logprobs = comp.text_from(sent_chars), comp.logprobs[sent_logprobs:]  # a streaming reader
