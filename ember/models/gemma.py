@@ -19,18 +19,20 @@ class Gemma2DecoderLayer(nn.Module):
     def __init__(self, cfg, layer_idx: int, backend, *, dtype, device, parallel: ParallelContext = SINGLE):
         super().__init__()
         eps, h = cfg.rms_norm_eps, cfg.hidden_size
-        self.self_attn = Attention(
-            h, cfg.num_attention_heads, cfg.num_key_value_heads, head_dim_of(cfg),
-            backend=backend, scale=cfg.query_pre_attn_scalar**-0.5,
-            qkv_bias=bool(getattr(cfg, "attention_bias", False)), o_bias=bool(getattr(cfg, "attention_bias", False)),
-            sliding_window=layer_sliding_window(cfg, layer_idx), logit_softcap=cfg.attn_logit_softcapping,
-            dtype=dtype, device=device, parallel=parallel,
-        )
+        self.self_attn = self.make_attention(cfg, layer_idx, backend, dtype=dtype, device=device, parallel=parallel)
         act = getattr(cfg, "hidden_activation", None) or cfg.hidden_act
         self.mlp = MLP(h, cfg.intermediate_size, act, dtype=dtype, device=device, parallel=parallel)
         norm = lambda: RMSNorm(h, eps, weight_offset=1.0, dtype=dtype, device=device)  # noqa: E731
         self.input_layernorm, self.post_attention_layernorm = norm(), norm()
         self.pre_feedforward_layernorm, self.post_feedforward_layernorm = norm(), norm()
+
+    def make_attention(self, cfg, layer_idx: int, backend, *, dtype, device, parallel: ParallelContext) -> Attention:
+        """Gemma 2's attention: query_pre_attn_scalar scale, logits soft-capped (Gemma 3 overrides this)."""
+        bias = bool(getattr(cfg, "attention_bias", False))
+        return Attention(cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, head_dim_of(cfg),
+                         backend=backend, scale=cfg.query_pre_attn_scalar**-0.5, qkv_bias=bias, o_bias=bias,
+                         sliding_window=layer_sliding_window(cfg, layer_idx), logit_softcap=cfg.attn_logit_softcapping,
+                         dtype=dtype, device=device, parallel=parallel)
 
     def forward(self, hidden, residual, cos, sin, kv_cache, attn_metadata):
         if residual is None:

@@ -21,7 +21,8 @@ from ember.layers.embedding import VocabEmbedding
 from ember.layers.norm import HeadRMSNorm, RMSNorm
 from ember.layers.rotary import RotaryEmbedding
 from ember.models.base import CausalLM, head_dim_of, layer_sliding_window
-from ember.models.llama import MLP, Attention, lora_of
+from ember.models.gemma import Gemma2DecoderLayer
+from ember.models.llama import Attention
 
 logger = logging.getLogger(__name__)
 
@@ -58,36 +59,23 @@ def _rope_params(cfg, layer_type: str) -> dict:
     return params
 
 
-class Gemma3DecoderLayer(nn.Module):
-    """norm -> attn (q/k normed) -> norm, add; norm -> mlp -> norm, add. `is_sliding` picks the rotary table."""
+class Gemma3DecoderLayer(Gemma2DecoderLayer):
+    """Gemma 2's block with Gemma 3's attention: per-head (1 + w) q/k norm, no logit soft-capping.
+    `is_sliding` picks the rotary table."""
 
     def __init__(self, cfg, layer_idx: int, backend, *, dtype, device, parallel: ParallelContext = SINGLE):
-        super().__init__()
-        eps, h, head_dim = cfg.rms_norm_eps, cfg.hidden_size, head_dim_of(cfg)
-        bias = bool(getattr(cfg, "attention_bias", False))
+        super().__init__(cfg, layer_idx, backend, dtype=dtype, device=device, parallel=parallel)
         self.is_sliding = cfg.layer_types[layer_idx] == "sliding_attention"
-        self.self_attn = Attention(
-            h, cfg.num_attention_heads, cfg.num_key_value_heads, head_dim,
-            backend=backend, scale=cfg.query_pre_attn_scalar**-0.5, qkv_bias=bias, o_bias=bias,
-            sliding_window=layer_sliding_window(cfg, layer_idx),
-            dtype=dtype, device=device, parallel=parallel,
-        )
-        attn = self.self_attn
-        attn.qk_norm = GemmaHeadRMSNorm(attn.num_heads, attn.num_kv_heads, head_dim, eps, dtype=dtype, device=device)
-        act = getattr(cfg, "hidden_activation", None) or cfg.hidden_act
-        self.mlp = MLP(h, cfg.intermediate_size, act, dtype=dtype, device=device, parallel=parallel)
-        norm = lambda: RMSNorm(h, eps, weight_offset=1.0, dtype=dtype, device=device)  # noqa: E731
-        self.input_layernorm, self.post_attention_layernorm = norm(), norm()
-        self.pre_feedforward_layernorm, self.post_feedforward_layernorm = norm(), norm()
 
-    def forward(self, hidden, residual, cos, sin, kv_cache, attn_metadata):
-        if residual is None:
-            residual, hidden = hidden, self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.post_attention_layernorm(self.self_attn(hidden, cos, sin, kv_cache, attn_metadata))
-        hidden, residual = self.pre_feedforward_layernorm(hidden, residual)
-        return self.post_feedforward_layernorm(self.mlp(hidden, lora_of(attn_metadata))), residual
+    def make_attention(self, cfg, layer_idx: int, backend, *, dtype, device, parallel: ParallelContext) -> Attention:
+        bias = bool(getattr(cfg, "attention_bias", False))
+        attn = Attention(cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, head_dim_of(cfg),
+                         backend=backend, scale=cfg.query_pre_attn_scalar**-0.5, qkv_bias=bias, o_bias=bias,
+                         sliding_window=layer_sliding_window(cfg, layer_idx), dtype=dtype, device=device,
+                         parallel=parallel)  # transformers' Gemma3Attention never soft-caps
+        attn.qk_norm = GemmaHeadRMSNorm(attn.num_heads, attn.num_kv_heads, head_dim_of(cfg), cfg.rms_norm_eps,
+                                        dtype=dtype, device=device)
+        return attn
 
 
 class Gemma3TextModel(nn.Module):
