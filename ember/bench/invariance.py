@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 
 from ember.bench.offline import make_prompts
 from ember.sampling_params import SamplingParams
@@ -21,6 +22,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-tokens", type=int, default=256, help="small token budget: chunked prefill")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--deterministic", action="store_true", help="ember.deterministic: batch-invariant outputs")
+    p.add_argument("--cost", action="store_true",
+                   help="with --deterministic: also time the batch on a default engine (same process, alternating runs) "
+                        "and report deterministic / default throughput")
     p.add_argument("--json", action="store_true")
 
 
@@ -42,6 +46,25 @@ def main(args: argparse.Namespace) -> dict:
            "diverged": len(diverged), "first_divergence_positions": diverged, "output_len": args.output_len}
     print(f"{res['identical']}/{res['compared']} requests identical alone vs in a batch of {args.num_prompts} "
           f"({args.dtype}{', deterministic' if args.deterministic else ''}); divergence positions: {diverged or '-'}")
+    if args.cost and args.deterministic:
+        res["throughput_ratio"] = _cost(llm, prompts, params, args)
     if args.json:
         print(json.dumps(res))
     return res
+
+
+def _cost(det_llm, prompts, params, args, repeats: int = 2) -> float:
+    """Deterministic / default throughput on the batch workload: best of `repeats` alternating runs each."""
+    from ember import LLM
+
+    default = LLM(args.model, dtype=args.dtype, max_num_tokens=args.max_num_tokens)
+    best = {True: 0.0, False: 0.0}
+    for _ in range(repeats):
+        for det, llm in ((False, default), (True, det_llm)):
+            start = time.perf_counter()
+            llm.generate(prompts, params)
+            best[det] = max(best[det], len(prompts) * params.max_tokens / (time.perf_counter() - start))
+    default.engine.shutdown()
+    ratio = best[True] / best[False]
+    print(f"throughput: default {best[False]:.1f} tok/s, deterministic {best[True]:.1f} tok/s ({ratio:.2f}x)")
+    return ratio

@@ -19,6 +19,7 @@ import torch
 from ember.distributed.parallel import SINGLE, ParallelContext
 from ember.layers.attention import build_attention_metadata
 from ember.layers.cpu_pack import pack_model_for_cpu
+from ember.layers.invariant_linear import make_batch_invariant
 from ember.layers.sampler import Sampler
 from ember.models.registry import get_model_class
 from ember.outputs import TokenLogprob
@@ -73,6 +74,9 @@ class ModelRunner:
         self.model.load_weights(checkpoint.iter_weights())
         self.model.eval()
         pack_model_for_cpu(self.model)  # bf16 on CPU: weights in oneDNN's layout, ~2x faster matrix-vector
+        if is_deterministic:  # every matmul as fixed-shape calls (attention: ember.layers.invariant_attention)
+            tiles = make_batch_invariant(self.model, dtype)
+            logger.info("ember.deterministic: batch-invariant matmuls (row tile: layers) %s", tiles)
         self.kv_cache_dtype = self.model.kv_cache_dtype or dtype  # an engine may quantize the cache (fp8)
         self.vocab_size = int(self.hf_config.vocab_size)
         self.sampler = Sampler()
