@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ember.layers.linear import Linear, QuantMethod, UnquantizedMethod
+from ember.layers.row_groups import grouped_matmul
 
 
 def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
@@ -46,7 +47,7 @@ class PackedCPUMethod(QuantMethod):
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
             return torch.ops.ember.packed_linear(x, layer.weight, layer.bias)
-        return _packed_linear(x, layer.weight, layer.bias)
+        return grouped_matmul(lambda rows: _packed_linear(rows, layer.weight, layer.bias), x)
 
 
 def _packed(weight: torch.Tensor) -> nn.Parameter:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ember.distributed.parallel import SINGLE, ParallelContext
+from ember.layers.row_groups import grouped_matmul
 
 
 class QuantMethod:
@@ -44,10 +45,10 @@ class QuantMethod:
 
 
 class UnquantizedMethod(QuantMethod):
-    """Plain `F.linear` in the model dtype."""
+    """Plain `F.linear` in the model dtype (a step's prompt tails in a call of their own: ember.layers.row_groups)."""
 
     def apply(self, layer: "Linear", x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, layer.weight, layer.bias)
+        return grouped_matmul(lambda rows: F.linear(rows, layer.weight, layer.bias), x)
 
 
 class Linear(nn.Module):

@@ -20,6 +20,7 @@ from ember.distributed.parallel import SINGLE, ParallelContext
 from ember.layers.attention import build_attention_metadata
 from ember.layers.cpu_pack import pack_model_for_cpu
 from ember.layers.invariant_linear import make_batch_invariant
+from ember.layers.row_groups import RowGroups, tail_grouping, tail_groups
 from ember.layers.sampler import Sampler
 from ember.models.registry import get_model_class
 from ember.outputs import TokenLogprob
@@ -199,8 +200,20 @@ class ModelRunner:
             meta.tree_mask = step.tree_mask.to(self.device)
         meta.lora = step.lora
         forward = self.compiled.forward if self.compiled is not None else self.model
-        hidden = forward(input_ids, pos, self.kv_caches, meta)  # [T, H]
+        with tail_grouping(self._tail_groups(inputs, meta)):
+            hidden = forward(input_ids, pos, self.kv_caches, meta)  # [T, H]
         return self._logits(hidden, step)
+
+    def _tail_groups(self, inputs, meta) -> RowGroups | None:
+        """Prompt tails in matmul calls of their own (ember.layers.row_groups), unless every matmul already runs
+        as fixed-shape tiles (ember.deterministic) or the step is all decodes."""
+        if self.is_deterministic or meta.is_all_decode:
+            return None
+        seq_lens = torch.repeat_interleave(torch.tensor(meta.seq_lens_list), torch.tensor(meta.query_lens_list))  # [T]
+        groups = tail_groups(torch.as_tensor(inputs.positions).cpu(), seq_lens, self.block_size)
+        if groups is not None and self.device.type != "cpu":
+            groups.tails, groups.rest = groups.tails.to(self.device), groups.rest.to(self.device)
+        return groups
 
     def _logits(self, hidden: torch.Tensor, step: ForwardMetadata) -> torch.Tensor | None:
         rows = step.sample_rows
