@@ -150,6 +150,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="serve N random PEFT adapters and compare prompts mixed over them and the base model with the "
                         "base model alone (same run)")
     p.add_argument("--lora-rank", type=int, default=16, help="rank of the --lora-adapters adapters")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=None, metavar="B",
+                   help="output tok/s of ember and transformers at each batch size (the prompts B at a time)")
+    p.add_argument("--plot", default=None, help="write a PNG of output tok/s vs batch size, ember beside the baseline")
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -191,6 +194,8 @@ def main(args: argparse.Namespace) -> dict:
         if args.json:
             print(json.dumps(res, indent=2))
         return res
+    if getattr(args, "batch_sizes", None):
+        return run_sweep(args, llm, prompts)
     bw = copy_bandwidth_gbs()
     weight_bytes = streamed_weight_bytes(llm.engine.runner.model)
     if getattr(args, "structured", "none") == "json":  # first-use costs of batch shapes must not land on either run
@@ -240,9 +245,47 @@ def main(args: argparse.Namespace) -> dict:
             if f"{phase}_tok_s" in ember_res:
                 res[f"{phase}_ratio_vs_llamacpp"] = ember_res[f"{phase}_tok_s"] / lc[f"{phase}_tok_s"]
     print_table(res)
+    if getattr(args, "plot", None):
+        point = {"batch_size": min(args.num_prompts, setup.scheduler.max_batch_size), "ember_tok_s": ember_res["output_tok_s"]}
+        baseline = next((n for n in ("transformers", "vllm", "llamacpp") if n in res), None)
+        if baseline is not None:
+            point["baseline_tok_s"] = res[baseline]["output_tok_s"]
+        write_plot(args, [point], baseline, res["model"])
     if args.json:
         print(json.dumps(res, indent=2))
     return res
+
+
+def run_sweep(args: argparse.Namespace, llm, prompts: list[list[int]]) -> dict:
+    """--batch-sizes: ember and transformers at each batch size over the same prompts."""
+    from ember.bench.offline_sweep import run_batch_sweep
+
+    if args.baseline not in ("hf", "none"):
+        raise SystemExit(f"--batch-sizes compares against --baseline hf (or none), not {args.baseline}")
+    setup = llm.engine.setup
+    hf_model, pad = None, 0
+    if args.baseline == "hf":
+        hf_model = build_hf_model(llm)
+        tok = llm.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (setup.eos_token_ids[0] if setup.eos_token_ids else 0)
+    points = run_batch_sweep(llm, prompts, args.output_len, args.batch_sizes, hf_model, pad)
+    res = {"model": str(setup.checkpoint.path), "dtype": str(setup.dtype).replace("torch.", ""), "num_prompts": args.num_prompts,
+           "input_len": args.input_len, "output_len": args.output_len, "threads": torch.get_num_threads(), "batch_sweep": points}
+    if args.plot:
+        write_plot(args, points, "transformers" if hf_model is not None else None, res["model"])
+    if args.json:
+        print(json.dumps(res, indent=2))
+    return res
+
+
+def write_plot(args: argparse.Namespace, points: list[dict], baseline: str | None, model: str) -> None:
+    from pathlib import Path
+
+    from ember.bench.plots import plot_offline
+
+    title = f"{Path(model).name}: {args.num_prompts} prompts x ({args.input_len} in, {args.output_len} out)"
+    plot_offline(points, args.plot, title, baseline)
+    print(f"plot written to {args.plot}", file=sys.stderr)
 
 
 def print_table(res: dict) -> None:

@@ -7,8 +7,7 @@ levels and, optionally, a Poisson request rate. Per request: TTFT (send to first
 between text chunks), TPOT ((latency - TTFT) / (output tokens - 1)) and end-to-end latency; per
 level: their mean/p50/p90/p99, request and token throughput, and goodput (requests/s meeting
 --slo-ttft-ms and --slo-tpot-ms). `--launch` starts `ember serve` (the default model) on a free
-port for the run and stops it afterwards. Only httpx and tqdm are needed; the plot uses matplotlib
-when it is importable."""
+port for the run and stops it afterwards. `--plot` writes a PNG (ember.bench.plots)."""
 
 from __future__ import annotations
 
@@ -216,37 +215,6 @@ def format_table(summaries: list[dict], header: str) -> str:
     return "\n".join(lines)
 
 
-def plot(summaries: list[dict], path: str, title: str) -> bool:
-    """A PNG of throughput and latency percentiles against concurrency; False without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    xs = [s["concurrency"] for s in summaries]
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
-    ax = axes[0][0]
-    ax.plot(xs, [s["output_throughput"] for s in summaries], marker="o")
-    ax.set_title("output throughput (tok/s)")
-    for ax, key, name in ((axes[0][1], "ttft_ms", "TTFT (ms)"), (axes[1][0], "tpot_ms", "TPOT (ms)"), (axes[1][1], "e2el_ms", "E2E latency (ms)")):
-        for p in PERCENTILES:
-            ax.plot(xs, [s[f"p{p}_{key}"] or 0 for s in summaries], marker="o", label=f"p{p}")
-        ax.set_title(name)
-        ax.legend()
-    for ax in axes.flat:
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(xs, [str(x) for x in xs])
-        ax.set_xlabel("concurrency")
-        ax.grid(alpha=0.3)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
-
-
 # ---- launching a server ---------------------------------------------------------------------------
 
 
@@ -312,7 +280,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--slo-ttft-ms", type=float, default=None, help="goodput counts requests with TTFT at most this")
     p.add_argument("--slo-tpot-ms", type=float, default=None, help="goodput counts requests with TPOT at most this")
-    p.add_argument("--plot", default=None, help="write a PNG of the results here (needs matplotlib)")
+    p.add_argument("--plot", default=None, help="write a PNG of throughput and latency percentiles vs concurrency here")
     p.add_argument("--json", action="store_true", help="print machine-readable results")
     p.add_argument("--vs-offline", action="store_true",
                    help="with --launch: first run the same engine offline at each concurrency as batch size, then compare")
@@ -370,10 +338,10 @@ def run(args: argparse.Namespace, url: str) -> dict:
            "output_len": args.output_len, "request_rate": None if math.isinf(args.request_rate) else args.request_rate,
            "slo_ttft_ms": args.slo_ttft_ms, "slo_tpot_ms": args.slo_tpot_ms, "levels": summaries}
     if args.plot:
-        if plot(summaries, args.plot, f"{model}: {args.num_prompts} x ({args.input_len} in, {args.output_len} out)"):
-            print(f"plot written to {args.plot}", file=sys.stderr)
-        else:
-            print("--plot: matplotlib is not installed; no plot written", file=sys.stderr)
+        from ember.bench.plots import plot_serve
+
+        plot_serve(summaries, args.plot, f"{model}: {args.num_prompts} x ({args.input_len} in, {args.output_len} out)")
+        print(f"plot written to {args.plot}", file=sys.stderr)
     if args.json:
         print(json.dumps(res, indent=2))
     return res
