@@ -126,7 +126,17 @@ class EngineCore:
             num_free_blocks=bm.num_free_blocks, num_blocks=bm.num_blocks,
             prefix_cache_queries=getattr(bm, "num_prefix_queries", 0), prefix_cache_hits=getattr(bm, "num_prefix_hits", 0),
             prompt_tokens_total=self.stats_prompt_tokens, generation_tokens_total=self.stats_generation_tokens,
-            num_draft_tokens_total=self.stats_draft_tokens, num_accepted_tokens_total=self.stats_accepted_tokens)
+            num_draft_tokens_total=self.stats_draft_tokens, num_accepted_tokens_total=self.stats_accepted_tokens,
+            **self._lora_stats())
+
+    def _lora_stats(self) -> dict:
+        """The adapters running and waiting, for a gateway's LoRA-affinity routing (vllm:lora_requests_info)."""
+        sched = self.scheduler
+        if not sched.max_loras:
+            return {}
+        return {"max_loras": sched.max_loras,
+                "running_lora_names": tuple(sorted({r.lora_name for r in sched.running if r.lora_name is not None})),
+                "waiting_lora_names": tuple(sorted({r.lora_name for r in sched.waiting if r.lora_name is not None}))}
 
     # ---- control (LoRA at run time, health, shutdown) ------------------------------------------------
     def add_lora(self, name: str, path) -> list[str]:

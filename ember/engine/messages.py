@@ -58,6 +58,9 @@ class EngineStats:
     generation_tokens_total: int = 0
     num_draft_tokens_total: int = 0
     num_accepted_tokens_total: int = 0
+    max_loras: int = 0  # LoRA adapters one batch may mix; 0: LoRA is off
+    running_lora_names: tuple[str, ...] = ()  # adapters of running requests (sorted, distinct)
+    waiting_lora_names: tuple[str, ...] = ()  # adapters of waiting requests (sorted, distinct)
 
 
 @dataclass

@@ -2,7 +2,9 @@
 process, e.g. in tests).
 
 Two sources: the engine's own counters and gauges, read from `engine.stats()` at scrape time by a
-custom collector (so they are never stale and cost nothing between scrapes); and latency
+custom collector (so they are never stale and cost nothing between scrapes), also under the `vllm:` names
+that gateways and autoscalers read (the Gateway API Inference Extension's model-server protocol: queue
+length, running batch, KV usage and the LoRA adapters in use); and latency
 histograms (TTFT, inter-token, end-to-end) observed by the server per request, as a client sees
 them, tokenization and queueing included."""
 
@@ -73,6 +75,27 @@ class EngineStatsCollector:
         acc = GaugeMetricFamily("ember_spec_decode_acceptance_rate", "Accepted / proposed speculative tokens since start.")
         acc.add_metric([], accepted / drafts if drafts else 0.0)
         yield acc
+        yield from gateway_metrics(stats, getattr(self.engine, "served_model_name", "") or "")
+
+
+def gateway_metrics(stats, model_name: str):
+    """The series the Gateway API Inference Extension's endpoint picker (and vLLM-style HPA/KEDA recipes) scrape,
+    named and shaped as vLLM exports them: gauges labelled with the model, KV usage a 0..1 fraction, and
+    `vllm:lora_requests_info` whose labels list the adapters running and waiting (comma-separated) and the most
+    a batch may mix, its value the scrape time (the picker keeps the newest sample)."""
+    for attr, name, doc in (
+        ("num_waiting", "vllm:num_requests_waiting", "Number of requests waiting to be processed."),
+        ("num_running", "vllm:num_requests_running", "Number of requests in model execution batches."),
+        ("kv_cache_usage", "vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage."),
+    ):
+        g = GaugeMetricFamily(name, doc, labels=["model_name"])
+        g.add_metric([model_name], _num(stats, attr))
+        yield g
+    lora = GaugeMetricFamily("vllm:lora_requests_info", "Running stats on lora requests.",
+                             labels=["max_lora", "waiting_lora_adapters", "running_lora_adapters"])
+    lora.add_metric([str(int(_num(stats, "max_loras"))), ",".join(getattr(stats, "waiting_lora_names", ()) or ()),
+                     ",".join(getattr(stats, "running_lora_names", ()) or ())], time.time())
+    yield lora
 
 
 def _call(engine, name: str):
