@@ -92,6 +92,9 @@ BAD = [
     (_build(max_seq_length=4096), "trt_llm.build.max_seq_length: unknown key 'max_seq_length'; did you mean 'max_seq_len'?"),
     (_build(pipeline_parallel_count=2), "trt_llm.build.pipeline_parallel_count: 2 is not supported"),
     (_build(moe_expert_parallel_option=2), "trt_llm.build.moe_expert_parallel_option: 2 is not supported: expert"),
+    (_build(tensor_parallel_count=4, moe_expert_parallel_option=3),
+     "trt_llm.build.moe_expert_parallel_option: 3 is not supported: expert parallelism splits the experts over the "
+     "tensor-parallel ranks, so it must divide tensor_parallel_count (4)"),
     (_build(max_beam_width=4), "trt_llm.build.max_beam_width: 4 is not supported: beam search"),
     (_build(base_model="whisper"), "trt_llm.build.base_model: 'whisper' is not supported"),
     (_build(base_model="encoder", lora_adapters={"a": {"source": "LOCAL", "repo": "/tmp"}}),
@@ -148,6 +151,7 @@ def test_overrides():
     assert cfg.ember.kv_cache_memory_bytes == 2**20 and cfg.trt_llm.runtime.served_model_name == "m"
     assert cfg.ember.limits.max_n == 2 and cfg.ember.port == 0 and cfg.ember.host == "127.0.0.1"
     assert cfg.trt_llm.build.tensor_parallel_count == 4  # untouched fields keep the file's values
+    assert load_config(cfg, moe_expert_parallel_option=2).trt_llm.build.moe_expert_parallel_option == 2
     assert load_config(cfg, dtype="bfloat16").ember.dtype == "bfloat16"  # an EngineConfig as source
     with pytest.raises(ConfigError, match="override 'max_seqlen' is not a config field; did you mean 'max_seq_len'"):
         load_config(None, max_seqlen=3)

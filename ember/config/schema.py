@@ -203,7 +203,8 @@ class BuildConfig(_Section):
     tensor_parallel_count: PosInt = 1
     pipeline_parallel_count: PosInt = 1
     sequence_parallel_count: PosInt = 1
-    # Baseten's MoE option: -1 (the default, no expert parallelism) or 1 accepted; experts run on every rank
+    # Baseten's MoE option: -1 (the default) or 1: every rank holds every expert (its intermediate dimension split);
+    # N > 1 dividing tensor_parallel_count: the experts are split into N groups over the ranks (expert parallelism)
     moe_expert_parallel_option: Annotated[int, Field(strict=True, ge=-1)] = -1
     plugin_configuration: PluginConfiguration = PluginConfiguration()
     num_builder_gpus: Optional[PosInt] = None  # accepted; the build runs where ember runs
@@ -262,12 +263,14 @@ class BuildConfig(_Section):
 
     @field_validator("moe_expert_parallel_option")
     @classmethod
-    def _no_ep(cls, v):
-        if v > 1:
-            raise ValueError(f"{v} is not supported: expert parallelism is not implemented; use -1 (experts on "
-                             "every rank)")
+    def _ep(cls, v, info):
         if v == 0:
-            raise ValueError("0 is not a valid expert-parallel size; use -1 (experts on every rank)")
+            raise ValueError("0 is not a valid expert-parallel size; use -1 (every expert on every rank)")
+        tp = info.data.get("tensor_parallel_count", 1)
+        if v > 1 and tp % v:
+            raise ValueError(f"{v} is not supported: expert parallelism splits the experts over the "
+                             f"tensor-parallel ranks, so it must divide tensor_parallel_count ({tp}); use -1 "
+                             "(every expert on every rank, each expert's intermediate dimension split)")
         return v
 
     @field_validator("max_prompt_embedding_table_size")

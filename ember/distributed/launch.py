@@ -70,9 +70,11 @@ def check_world_size(world_size: int, device: torch.device, *, local_world_size:
                              f"but {have} are visible")
 
 
-def parallel_context(rank: int, world_size: int, device: torch.device) -> ParallelContext:
-    """This rank's context on the default group (usable to build and load the model before the group exists)."""
-    return ParallelContext(rank=rank, world_size=world_size, group=None, reduce_in_fp32=device.type != "cuda")
+def parallel_context(rank: int, world_size: int, device: torch.device, expert_parallel_size: int = 1) -> ParallelContext:
+    """This rank's context on the default group (usable to build and load the model before the group exists).
+    expert_parallel_size: build.moe_expert_parallel_option (-1: 1, every expert on every rank)."""
+    return ParallelContext(rank=rank, world_size=world_size, group=None, reduce_in_fp32=device.type != "cuda",
+                           expert_parallel_size=max(1, expert_parallel_size))
 
 
 def bind_device(device: torch.device) -> None:

@@ -33,6 +33,9 @@ class ParallelContext:
     group: object = None  # torch.distributed ProcessGroup of the TP ranks; None: the default group
     # gloo sums low-precision partials in their own dtype; reduce in float32 and round once instead
     reduce_in_fp32: bool = False
+    # mixture-of-experts layers: the experts are split into this many groups over the ranks (expert parallelism,
+    # build.moe_expert_parallel_option); 1: every rank holds every expert (a slice of each)
+    expert_parallel_size: int = 1
     stats: CommStats = field(default_factory=CommStats, compare=False)
 
     @property

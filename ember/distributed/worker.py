@@ -50,8 +50,8 @@ def build_shard_runner(cfg, rank: int, world_size: int, local_rank: int):
     set_rank_threads(cfg, world_size, device)
     bind_device(device)
     ckpt = load_checkpoint(resolve_checkpoint_path(rank_checkpoint(cfg, rank)))
-    return ModelRunner(ckpt, dtype, device, cfg.ember.block_size, parallel_context(rank, world_size, device),
-                       is_deterministic=cfg.ember.deterministic)
+    parallel = parallel_context(rank, world_size, device, cfg.trt_llm.build.moe_expert_parallel_option)
+    return ModelRunner(ckpt, dtype, device, cfg.ember.block_size, parallel, is_deterministic=cfg.ember.deterministic)
 
 
 def rank_checkpoint(cfg, rank: int):

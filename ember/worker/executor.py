@@ -98,7 +98,7 @@ class Executor:
                 store = host_store(tp, TENSOR_TIMEOUT_S)
                 processes = start_workers(cfg, tp, "127.0.0.1", store.port)
             bind_device(device)
-            runner = ModelRunner(checkpoint, dtype, device, cfg.ember.block_size, parallel_context(0, tp, device),
+            runner = ModelRunner(checkpoint, dtype, device, cfg.ember.block_size, parallel_context(0, tp, device, build.moe_expert_parallel_option),
                                  is_deterministic=cfg.ember.deterministic)
             if not is_launched:
                 wait_for_workers(store, processes)

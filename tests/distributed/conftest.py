@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
-from tp_models import _COMMON, ARCHS, QUANT
+from tp_models import _COMMON, ARCHS, NEW_ARCHS, QUANT
 
 from ember.checkpoint.default import default_model_path
 
@@ -24,7 +24,7 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
     gguf = default_model_path()
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     out = {}
-    variants = {arch: (arch, *spec) for arch, spec in ARCHS.items()} | {"quant": QUANT}
+    variants = {arch: (arch, *spec) for arch, spec in (ARCHS | NEW_ARCHS).items()} | {"quant": QUANT}
     for name, (arch, cfg_name, overrides) in variants.items():
         torch.manual_seed(0)
         cfg = getattr(transformers, cfg_name)(**{**_COMMON, **overrides})

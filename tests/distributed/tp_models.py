@@ -17,5 +17,15 @@ ARCHS = {
                                                tie_word_embeddings=True)),
     "Phi3ForCausalLM": ("Phi3Config", dict(partial_rotary_factor=0.5)),
 }
+# Gemma 3 and the mixture-of-experts models (tests/distributed/test_tp_gemma3_moe.py): (HF config, overrides)
+NEW_ARCHS = {
+    "Gemma3ForCausalLM": ("Gemma3TextConfig", dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=6,
+                                                   num_hidden_layers=3, sliding_window_pattern=2,
+                                                   rope_local_base_freq=100.0, rope_theta=50000.0,
+                                                   final_logit_softcapping=3.0, tie_word_embeddings=True)),
+    "MixtralForCausalLM": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=48)),
+    "Qwen3MoeForCausalLM": ("Qwen3MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                                   head_dim=16, norm_topk_prob=False, mlp_only_layers=[1])),
+}
 # the build's quality check feeds tokenizer text, so the quantized-engine test needs the tokenizer's vocabulary
 QUANT = ("Qwen3ForCausalLM", "Qwen3Config", dict(head_dim=32, vocab_size=49152))
