@@ -85,7 +85,9 @@ def messages_to_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
             for j, part in enumerate(content):
                 if part.type != "text" or part.text is None:
                     raise NotSupportedError(
-                        f"Content parts of type '{part.type}' are not supported; only 'text' parts are.", param=f"messages.{i}.content.{j}.type"
+                        f"Content parts of type '{part.type}' are not supported; only 'text' parts are (ember serves text: "
+                        "a vision-language checkpoint such as Gemma 3 serves its language model, without the vision "
+                        "tower).", param=f"messages.{i}.content.{j}.type"
                     )
                 texts.append(part.text)
             content = "\n".join(texts)
