@@ -121,6 +121,14 @@ def cmd_pull(args) -> int:
     return 0
 
 
+def cmd_deploy(args) -> int:
+    from ember.deploy.kubernetes import DeploySpec, write
+
+    for path in write(args.config, args.output, DeploySpec(name=args.name, image=args.image, replicas=args.replicas)):
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ember", description="LLM engine builder and OpenAI-compatible server.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -161,6 +169,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pull", help="fetch a known model into the local model cache")
     p.add_argument("name", nargs="?", help="model name (default: the default model)")
     p.set_defaults(func=cmd_pull)
+
+    p = sub.add_parser("deploy", help="render Kubernetes manifests (ConfigMap, Deployment, Service) from a config")
+    p.add_argument("target", choices=["kubernetes"])
+    p.add_argument("config", help="config.yaml (its `resources` become the pod's requests)")
+    p.add_argument("-o", "--output", default="k8s", help="directory to write the manifests to (default: k8s)")
+    p.add_argument("--name", default="ember", help="Deployment/Service name and the pods' app label")
+    p.add_argument("--image", default="ember:0.1.0", help="container image with ember installed")
+    p.add_argument("--replicas", type=int, default=1)
+    p.set_defaults(func=cmd_deploy)
 
     p = sub.add_parser("check", help="validate a config without loading weights; prints it normalized")
     p.add_argument("config", help="config.yaml (or a model dir / .gguf)")

@@ -1,0 +1,1 @@
+"""Running ember on orchestrators: Kubernetes manifests (ember.deploy.kubernetes)."""
