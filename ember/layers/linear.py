@@ -67,11 +67,12 @@ class Linear(nn.Module):
         split: str | None = None,  # None (replicated) | "column" (output rows) | "row" (input columns)
         units: list[int] | None = None,  # column: slice granularity per output segment (head_dim); None: 1
         shards: list[tuple[int, int]] | None = None,  # column: explicit (start, size) per segment; row: [(start, size)]
+        reduce_output: bool = True,  # row: False when the caller sums the partial outputs itself (FusedMoE, once)
     ):
         super().__init__()
         full_sizes = [output_sizes] if isinstance(output_sizes, int) else list(output_sizes)
         self.full_output_sizes, self.full_in_features = full_sizes, in_features
-        self.parallel = parallel
+        self.parallel, self.reduce_output = parallel, reduce_output
         self.split = split if parallel.is_parallel else None
         self.segment_offsets = [0] * len(full_sizes)  # column: where each local segment starts in its full one
         if self.split == "column" and shards is not None:
@@ -182,7 +183,9 @@ class Linear(nn.Module):
         y = self.quant_method.apply(self, x)
         if self.lora is not None and lora is not None:
             y = self.lora.apply(x, y, lora)
-        return self.parallel.all_reduce(y) if self.split == "row" else y  # row-parallel: sum the partial outputs
+        if self.split == "row" and self.reduce_output:  # row-parallel: sum the partial outputs
+            return self.parallel.all_reduce(y)
+        return y
 
     def extra_repr(self) -> str:
         split = f", split={self.split}" if self.split else ""

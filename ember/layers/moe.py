@@ -28,7 +28,7 @@ class Expert(nn.Module):
         self.gate_up_proj = Linear(hidden_size, [intermediate_size, intermediate_size], dtype=dtype, device=device,
                                    parallel=parallel, split="column")
         self.down_proj = Linear(intermediate_size, hidden_size, dtype=dtype, device=device, parallel=parallel,
-                                split="row")
+                                split="row", reduce_output=False)
 
 
 def expert_shard(parallel: ParallelContext, num_experts: int) -> tuple[range, ParallelContext]:
@@ -44,7 +44,8 @@ def expert_shard(parallel: ParallelContext, num_experts: int) -> tuple[range, Pa
 
 
 class FusedMoE(nn.Module):
-    """router `gate` [E, H] (replicated) + `experts` (this rank's, keyed by their global index).
+    """router `gate` [E, H] (replicated, never quantized: QuantScheme.covers) + `experts` (this rank's, keyed by
+    their global index).
 
     renormalize: divide the top-k probabilities (softmax over all experts) by their sum (Mixtral always,
     Qwen3-MoE when `norm_topk_prob`). hidden [T, H] -> [T, H].
@@ -94,9 +95,8 @@ class FusedMoE(nn.Module):
             if n == 0:
                 continue
             expert = self.experts[str(first + e)]
-            gate_up, down = expert.gate_up_proj, expert.down_proj
-            h = self.act(gate_up.quant_method.apply(gate_up, x[start : start + n]))  # [n, I / ranks]
-            out[start : start + n] = down.quant_method.apply(down, h)  # [n, H], this rank's partial sum
+            h = self.act(expert.gate_up_proj(x[start : start + n]))  # [n, I / ranks]
+            out[start : start + n] = expert.down_proj(h)  # [n, H], this rank's partial sum (reduced below)
             start += n
         out = out * weights.reshape(-1)[slot_of].unsqueeze(1)
         partial = torch.zeros_like(hidden).index_add_(0, token_of, out)  # [T, H]

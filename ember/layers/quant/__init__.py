@@ -34,8 +34,9 @@ class QuantScheme:
     is_mlp_only: bool = False  # True: only the MLP projections are quantized
 
     def covers(self, layer_path: str) -> bool:
-        """Whether the Linear at `layer_path` is quantized. The output head never is (logits stay precise)."""
-        if self.weight_format is None or layer_path == "lm_head" or layer_path.endswith(".lm_head"):
+        """Whether the Linear at `layer_path` is quantized. The output head never is (logits stay precise), nor a
+        mixture-of-experts router (`.mlp.gate`: a rounded score can send a token to another expert)."""
+        if self.weight_format is None or layer_path == "lm_head" or layer_path.endswith((".lm_head", ".mlp.gate")):
             return False
         return ".mlp." in f".{layer_path}." if self.is_mlp_only else True
 
