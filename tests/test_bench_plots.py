@@ -56,3 +56,13 @@ def test_serve_plot_from_summaries(tmp_path):
               for c in (1, 2, 4)]
     plots.plot_serve(levels, str(tmp_path / "serve.png"), "tiny")
     assert png_size(tmp_path / "serve.png") == (1000, 700)
+
+
+def test_bench_moe_runs_a_random_mixtral_against_transformers(capsys):
+    assert cli.main(["moe", "--hidden-size", "32", "--intermediate-size", "32", "--num-layers", "1", "--vocab-size",
+                     "300", "--batch-sizes", "1", "2", "--num-prompts", "2", "--input-len", "4", "--output-len", "2",
+                     "--json"]) == 0
+    out = capsys.readouterr().out
+    res = json.loads(out[out.index("{"):])
+    assert [p["batch_size"] for p in res["batch_sweep"]] == [1, 2]
+    assert all(p["ratio"] == pytest.approx(p["ember_tok_s"] / p["baseline_tok_s"]) for p in res["batch_sweep"])

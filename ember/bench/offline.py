@@ -83,6 +83,8 @@ def build_hf_model(llm):
     state = {name: t.to(setup.dtype) for name, t in ckpt.iter_weights()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [m for m in missing if "lm_head" not in m or not getattr(ckpt.hf_config, "tie_word_embeddings", False)]
+    if (missing or unexpected) and ckpt.format == "safetensors":  # a layout transformers converts as it loads
+        return AutoModelForCausalLM.from_pretrained(ckpt.path, dtype=setup.dtype).eval()  # (MoE experts: fused)
     if missing or unexpected:
         raise RuntimeError(f"transformers baseline: missing {missing[:3]}, unexpected {unexpected[:3]}")
     if getattr(ckpt.hf_config, "tie_word_embeddings", False):
