@@ -34,6 +34,7 @@ from ember.server.errors import ServiceUnavailableError, ember_error_response, i
 from ember.server.limits import ServerSettings, resolve_lora
 from ember.server.logprobs import TokenTexts
 from ember.server.metrics import CONTENT_TYPE, ServerMetrics
+from ember.server.playground import add_playground_routes
 from ember.server.middleware import ApiKeyMiddleware, BodyLimitMiddleware, CatchAllMiddleware, DrainingMiddleware
 from ember.server.protocol import DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList, TokenizeRequest, TokenizeResponse
 from ember.server.serving import ServerState, dump, encode, parse_body
@@ -74,6 +75,7 @@ def create_app(engine, cfg=None) -> FastAPI:
     add_lora_routes(app, state, cfg, _guard)  # run-time adapter loading, only when ember.lora_runtime_dir is set
     add_responses_routes(app, state, _guard)  # OpenAI's Responses API over the chat path
     add_encoder_routes(app, state, _guard, getattr(getattr(getattr(cfg, "trt_llm", None), "runtime", None), "webserver_default_route", None))
+    add_playground_routes(app)  # the chat page at /
     # added innermost first: CatchAll -> ApiKey -> Draining -> BodyLimit -> routes
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(DrainingMiddleware, is_draining=lambda: state.is_draining)

@@ -11,10 +11,11 @@ import logging
 from typing import Callable
 
 from ember.server.errors import error_body
+from ember.server.playground import PLAYGROUND_PATHS
 
 logger = logging.getLogger("ember.server")
 
-UNAUTHENTICATED_PATHS = frozenset({"/health"})  # orchestrator probes carry no key
+UNAUTHENTICATED_PATHS = frozenset({"/health"}) | PLAYGROUND_PATHS  # probes carry no key; the page holds no secret
 DRAIN_EXEMPT_PATHS = frozenset({"/health", "/metrics"})  # /health itself says 503 while draining
 
 
