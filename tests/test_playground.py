@@ -49,7 +49,8 @@ def make_adapter(out_dir: Path) -> Path:
 def server(tmp_path_factory):
     """The default model (SmolLM2-135M-Instruct: real words in the screenshot) with adapter `sql`, behind a key."""
     adapter = make_adapter(tmp_path_factory.mktemp("pg_adapter") / "sql")
-    cfg = load_config(None, dtype="bfloat16", max_seq_len=1024, api_key=API_KEY,
+    # no prefix cache: the openai client's repeat of the page's request runs the very same computation (greedy ties)
+    cfg = load_config(None, dtype="bfloat16", max_seq_len=1024, api_key=API_KEY, enable_prefix_caching=False,
                       lora_adapters={"sql": {"source": "LOCAL", "repo": str(adapter)}})
     with running(LiveServer(create_app(AsyncLLM(cfg), cfg), stop_timeout_s=30.0)) as live:
         yield live
