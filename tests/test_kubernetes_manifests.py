@@ -150,3 +150,28 @@ def test_gateway_pieces_point_at_each_other():
     for scaler in (by_kind("HorizontalPodAutoscaler", "ember"), by_kind("ScaledObject", "ember")):
         assert scaler["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
     assert "vllm:num_requests_waiting" in by_kind("ScaledObject", "ember")["spec"]["triggers"][0]["metadata"]["query"]
+
+
+def test_endpoint_picker_reads_the_metrics_ember_exports():
+    """Every metric flag of the EPP names a family a live /metrics has (from the server's own collector)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from ember.engine.messages import EngineStats
+    from ember.server.metrics import ServerMetrics
+
+    class Engine:
+        served_model_name = "smollm2"
+
+        def is_healthy(self):
+            return True
+
+        def stats(self):
+            return EngineStats(num_running=1, num_waiting=2, kv_cache_usage=0.5, max_loras=4, running_lora_names=("sql",))
+
+    families = {f.name for f in text_string_to_metric_families(ServerMetrics(Engine()).render().decode())}
+    args = by_kind("Deployment", "ember-epp")["spec"]["template"]["spec"]["containers"][0]["args"]
+    flags = dict(zip(args[::2], args[1::2]))
+    for flag in ("--total-queued-requests-metric", "--total-running-requests-metric",
+                 "--kv-cache-usage-percentage-metric", "--lora-info-metric"):
+        assert flags[flag] in families, flag
+    assert flags["--model-server-metrics-path"] == "/metrics"
