@@ -172,6 +172,6 @@ def test_endpoint_picker_reads_the_metrics_ember_exports():
     args = by_kind("Deployment", "ember-epp")["spec"]["template"]["spec"]["containers"][0]["args"]
     flags = dict(zip(args[::2], args[1::2]))
     for flag in ("--total-queued-requests-metric", "--total-running-requests-metric",
-                 "--kv-cache-usage-percentage-metric", "--lora-info-metric"):
+                 "--kv-cache-usage-percentage-metric", "--lora-info-metric", "--cache-info-metric"):
         assert flags[flag] in families, flag
     assert flags["--model-server-metrics-path"] == "/metrics"

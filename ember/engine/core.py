@@ -123,7 +123,7 @@ class EngineCore:
         bm = sched.block_manager
         return EngineStats(
             num_running=sched.num_running, num_waiting=sched.num_waiting, kv_cache_usage=bm.usage,
-            num_free_blocks=bm.num_free_blocks, num_blocks=bm.num_blocks,
+            num_free_blocks=bm.num_free_blocks, num_blocks=bm.num_blocks, block_size=bm.block_size,
             prefix_cache_queries=getattr(bm, "num_prefix_queries", 0), prefix_cache_hits=getattr(bm, "num_prefix_hits", 0),
             prompt_tokens_total=self.stats_prompt_tokens, generation_tokens_total=self.stats_generation_tokens,
             num_draft_tokens_total=self.stats_draft_tokens, num_accepted_tokens_total=self.stats_accepted_tokens,

@@ -52,6 +52,7 @@ class EngineStats:
     kv_cache_usage: float = 0.0  # fraction of KV blocks in use
     num_free_blocks: int = 0
     num_blocks: int = 0
+    block_size: int = 0  # tokens per KV block
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int = 0  # of those, tokens found
     prompt_tokens_total: int = 0

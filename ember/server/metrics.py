@@ -4,7 +4,7 @@ process, e.g. in tests).
 Two sources: the engine's own counters and gauges, read from `engine.stats()` at scrape time by a
 custom collector (so they are never stale and cost nothing between scrapes), also under the `vllm:` names
 that gateways and autoscalers read (the Gateway API Inference Extension's model-server protocol: queue
-length, running batch, KV usage and the LoRA adapters in use); and latency
+length, running batch, KV usage, the LoRA adapters in use and the KV cache's shape); and latency
 histograms (TTFT, inter-token, end-to-end) observed by the server per request, as a client sees
 them, tokenization and queueing included."""
 
@@ -96,6 +96,10 @@ def gateway_metrics(stats, model_name: str):
     lora.add_metric([str(int(_num(stats, "max_loras"))), ",".join(getattr(stats, "waiting_lora_names", ()) or ()),
                      ",".join(getattr(stats, "running_lora_names", ()) or ())], time.time())
     yield lora
+    cache = GaugeMetricFamily("vllm:cache_config_info", "Information of the KV cache (labels); the value is 1.",
+                              labels=["block_size", "num_gpu_blocks"])
+    cache.add_metric([str(int(_num(stats, "block_size"))), str(int(_num(stats, "num_blocks")))], 1.0)
+    yield cache  # the endpoint picker's prefix-cache scorer sizes its model of each pod's cache from it
 
 
 def _call(engine, name: str):

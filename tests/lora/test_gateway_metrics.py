@@ -17,7 +17,8 @@ from live_server import LiveServer, running
 
 from .conftest import lora_config
 
-GATEWAY = ("vllm:num_requests_waiting", "vllm:num_requests_running", "vllm:kv_cache_usage_perc", "vllm:lora_requests_info")
+GATEWAY = ("vllm:num_requests_waiting", "vllm:num_requests_running", "vllm:kv_cache_usage_perc", "vllm:lora_requests_info",
+           "vllm:cache_config_info")
 ADAPTERS = ("all-r4", "qv-r8")
 NUM_REQUESTS = 4  # one runs, three wait: the queue lasts about 3 x 48 decode steps
 POLL_S = 30.0  # a bound on waiting for a condition, never a synchronization sleep
@@ -31,6 +32,7 @@ def server(lora_models):
     cfg = load_config(raw)
     engine = AsyncLLM(cfg)
     with running(LiveServer(create_app(engine, cfg), stop_timeout_s=30.0)) as live:
+        live.engine = engine
         yield live
 
 
@@ -63,6 +65,8 @@ def test_gateway_metrics_move_with_load(server):
             assert [gauge(idle, n) for n in GATEWAY[:3]] == [0.0, 0.0, 0.0]
             [(labels, stamp)] = idle["vllm:lora_requests_info"]
             assert labels == {"max_lora": "2", "running_lora_adapters": "", "waiting_lora_adapters": ""} and stamp > 0
+            stats = server.engine.stats()
+            assert idle["vllm:cache_config_info"] == [({"block_size": "16", "num_gpu_blocks": str(stats.num_blocks)}, 1.0)]
 
             # a queue of long requests over two adapters, one at a time (max_batch_size 1): the others wait
             body = {"prompt": "count", "max_tokens": 48, "ignore_eos": True}
