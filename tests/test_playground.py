@@ -83,7 +83,7 @@ def test_streamed_chat_in_headless_chromium(server, tmp_path):
             page.select_option("#model", "sql")
             page.fill("#system", "You are terse.")
             page.fill("#temperature", "0")
-            page.fill("#max-tokens", "24")
+            page.fill("#max-tokens", "16")
             # every text the stats line shows, as the page sets it (the live figures are replaced quickly)
             page.evaluate("""() => { window.statsSeen = [];
                 new MutationObserver((records) => { for (const r of records) for (const n of r.addedNodes)
@@ -94,13 +94,13 @@ def test_streamed_chat_in_headless_chromium(server, tmp_path):
             expect(reply).to_be_visible(timeout=WAIT_MS)
             text = reply.locator(".content").text_content()
             stats = page.locator("#stats").inner_text()
-            assert re.fullmatch(r"24 tokens · \d+\.\d tok/s · first token \d+ ms", stats), stats
+            assert re.fullmatch(r"16 tokens · \d+\.\d tok/s · first token \d+ ms", stats), stats
             assert any(re.match(r"~\d+ tokens · \d+\.\d tok/s", s) for s in page.evaluate("window.statsSeen")), \
                 "tokens/s was not shown while streaming"
             assert reply.locator(".meta").inner_text() == "sql · finish: length"
 
             sdk = openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0)
-            ref = sdk.chat.completions.create(model="sql", temperature=0, max_tokens=24, messages=[
+            ref = sdk.chat.completions.create(model="sql", temperature=0, max_tokens=16, messages=[
                 {"role": "system", "content": "You are terse."}, {"role": "user", "content": "Write a haiku about embers."}])
             assert text == ref.choices[0].message.content and len(text.split()) >= 5
 
