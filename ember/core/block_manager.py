@@ -24,6 +24,9 @@ from dataclasses import dataclass, field
 from ember.core.request import Request
 
 
+NULL_BLOCK = -1  # a block-table entry whose block was released (outside a sliding window): never read
+
+
 @dataclass
 class Block:
     block_id: int  # index into the KV cache tensors' num_blocks dimension
@@ -65,6 +68,13 @@ class BlockManager:
         self.num_prefix_queries = 0  # tokens of admitted requests looked up in the prefix cache
         self.num_prefix_hits = 0  # of those, tokens served from it
 
+    def _table(self, req: Request) -> list[int]:
+        """The request's block table this manager owns (a subclass may keep another one on the request)."""
+        return req.block_ids
+
+    def _set_table(self, req: Request, block_ids: list[int]) -> None:
+        req.block_ids = block_ids
+
     # ---- capacity -----------------------------------------------------------------------------
     @property
     def num_free_blocks(self) -> int:
@@ -80,10 +90,10 @@ class BlockManager:
 
     def num_blocks_to_allocate(self, req: Request, num_new_tokens: int, prefix: CachedPrefix | None = None) -> int:
         """Free-list blocks that allocate_slots(req, num_new_tokens, prefix) would consume."""
-        held = len(prefix.block_ids) if prefix else len(req.block_ids)
+        held = len(prefix.block_ids) if prefix else len(self._table(req))
         start = prefix.num_tokens if prefix else req.num_computed_tokens
         fresh = max(0, self.num_blocks_for(start + num_new_tokens) - held)
-        revived = sum(1 for b in prefix.block_ids if self.blocks[b].ref_count == 0) if prefix else 0
+        revived = sum(1 for b in prefix.block_ids if b != NULL_BLOCK and self.blocks[b].ref_count == 0) if prefix else 0
         return fresh + revived
 
     # ---- prefix cache -------------------------------------------------------------------------
@@ -132,8 +142,11 @@ class BlockManager:
         if num_full <= done:
             return
         hashes = self._block_hashes(req, num_full)
+        table = self._table(req)
         for i in range(done, num_full):
-            block = self.blocks[req.block_ids[i]]
+            if table[i] == NULL_BLOCK:
+                continue
+            block = self.blocks[table[i]]
             # skip blocks adopted from the cache, and blocks equal to one cached already (computed in
             # parallel, e.g. n > 1 siblings sampling the same tokens): the first copy stays the hit
             if block.block_hash is None and hashes[i] not in self._cached:
@@ -155,44 +168,50 @@ class BlockManager:
             return False
         start = req.num_computed_tokens
         if prefix is not None:
-            assert not req.block_ids, "a prefix is adopted only by a request holding no blocks"
+            assert not self._table(req), "a prefix is adopted only by a request holding no blocks"
             for block_id in prefix.block_ids:
+                if block_id == NULL_BLOCK:
+                    continue
                 block = self.blocks[block_id]
                 if block.ref_count == 0:
                     del self._free[block_id]
                 block.ref_count += 1
-            req.block_ids = list(prefix.block_ids)
+            self._set_table(req, list(prefix.block_ids))
             start = prefix.num_tokens
             self.num_prefix_queries += req.num_tokens
             self.num_prefix_hits += prefix.num_tokens
-        for _ in range(self.num_blocks_for(start + num_new_tokens) - len(req.block_ids)):
+        table = self._table(req)
+        for _ in range(self.num_blocks_for(start + num_new_tokens) - len(table)):
             block_id, _ = self._free.popitem(last=False)  # least recently freed
             block = self.blocks[block_id]
             self._uncache(block)  # evict whatever prefix it still held
             block.ref_count = 1
-            req.block_ids.append(block_id)
+            table.append(block_id)
         if self.enable_prefix_caching:
             self._register(req, start + num_new_tokens)
         return True
 
     def free(self, req: Request) -> None:
         """Release all of a request's blocks (finish, abort or preemption)."""
-        self._release(req.block_ids)
-        req.block_ids = []
+        self._release(self._table(req))
+        self._set_table(req, [])
         self._num_registered.pop(req.request_id, None)
 
     def truncate(self, req: Request, num_tokens: int) -> None:
         """Keep only the blocks that cover the first num_tokens positions (speculative rollback)."""
         keep = self.num_blocks_for(num_tokens)
-        if keep < len(req.block_ids):
-            self._release(req.block_ids[keep:])
-            del req.block_ids[keep:]
+        table = self._table(req)
+        if keep < len(table):
+            self._release(table[keep:])
+            del table[keep:]
             if self._num_registered.get(req.request_id, 0) > keep:
                 self._num_registered[req.request_id] = keep
 
     def _release(self, block_ids: list[int]) -> None:
         # Tail blocks first, so a sequence's later blocks are evicted before its earlier ones.
         for block_id in reversed(block_ids):
+            if block_id == NULL_BLOCK:
+                continue
             block = self.blocks[block_id]
             block.ref_count -= 1
             assert block.ref_count >= 0, f"block {block_id} freed twice"

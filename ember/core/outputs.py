@@ -48,6 +48,9 @@ class ScheduledRequest:
     new_token_ids: list[int] = field(default_factory=list)  # tokens appended since the runner last saw it
     new_block_ids: list[int] = field(default_factory=list)  # block ids to write at block_ids_start onwards
     block_ids_start: int = 0  # the runner's block table row keeps its first block_ids_start ids
+    # the same for the sliding-window layers' table (ember.core.window_blocks); empty when the model has none
+    new_window_block_ids: list[int] = field(default_factory=list)
+    window_block_ids_start: int = 0
     draft_token_ids: list[int] = field(default_factory=list)  # the num_draft_tokens drafts to verify
 
     def __post_init__(self) -> None:

@@ -61,6 +61,9 @@ class Request:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at first admission
     stop_reason: int | str | None = None  # stop token id or stop string that ended it (None for eos)
     block_ids: list[int] = field(default_factory=list)  # KV block table, owned by the BlockManager
+    # the sliding-window layers' own table (ember.core.window_blocks), when the model keeps one; blocks wholly
+    # outside the window are released and their entries set to NULL_BLOCK
+    window_block_ids: list[int] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list, repr=False)  # chained digests of the full
     # blocks of known tokens, computed lazily by the BlockManager (tokens never change, so never stale)
     num_preemptions: int = 0  # times it was evicted and recomputed

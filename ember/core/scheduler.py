@@ -30,6 +30,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from ember.core.block_manager import BlockManager
+from ember.core.window_blocks import HybridBlockManager
 from ember.core.outputs import NewRequestData, ScheduledRequest, SchedulerOutput
 from ember.core.request import Request, RequestStatus
 from ember.errors import ContextLengthExceededError, InvalidRequestError, QueueFullError
@@ -46,12 +47,13 @@ class _RunnerView:
 
     num_tokens: int  # prompt + outputs sent
     num_block_ids: int  # leading block ids sent (and still the request's)
+    num_window_block_ids: int = 0  # the same for the sliding layers' table (ember.core.window_blocks)
 
 
 class Scheduler:
     """Decides which requests run each step and how many tokens each, and applies sampled tokens."""
 
-    def __init__(self, block_manager: BlockManager, max_num_tokens: int, max_batch_size: int, max_seq_len: int,
+    def __init__(self, block_manager: BlockManager | HybridBlockManager, max_num_tokens: int, max_batch_size: int, max_seq_len: int,
                  policy: SchedulerPolicy | str = SchedulerPolicy.GUARANTEED_NO_EVICT,
                  enable_chunked_prefill: bool = True, max_queue_size: int | None = None,
                  max_loras: int | None = None):
@@ -223,6 +225,7 @@ class Scheduler:
                 view = self._runner_views.get(req.request_id)
                 if view is not None:  # released tail blocks: the next step rewrites the row from here
                     view.num_block_ids = min(view.num_block_ids, len(req.block_ids))
+                    view.num_window_block_ids = min(view.num_window_block_ids, len(req.window_block_ids))
             for token_id in tokens[:num_accepted + 1]:
                 req.append_output_token_ids(token_id)
                 status, reason = self._check_stop(req, token_id)
@@ -250,7 +253,9 @@ class Scheduler:
                 output_token_ids=list(req.output_token_ids), sampling_params=params,
                 eos_token_ids=sorted(req.eos_token_ids), lora_name=req.lora_name)
             item.new_block_ids = list(req.block_ids)
-            self._runner_views[req.request_id] = _RunnerView(req.num_tokens, len(req.block_ids))
+            item.new_window_block_ids = list(req.window_block_ids)
+            self._runner_views[req.request_id] = _RunnerView(req.num_tokens, len(req.block_ids),
+                                                             len(req.window_block_ids))
             return item
         if view.num_tokens < req.num_tokens:
             item.new_token_ids = req.all_token_ids[view.num_tokens:]
@@ -259,6 +264,10 @@ class Scheduler:
         if view.num_block_ids < len(req.block_ids):
             item.new_block_ids = req.block_ids[view.num_block_ids:]
             view.num_block_ids = len(req.block_ids)
+        item.window_block_ids_start = view.num_window_block_ids
+        if view.num_window_block_ids < len(req.window_block_ids):
+            item.new_window_block_ids = req.window_block_ids[view.num_window_block_ids:]
+            view.num_window_block_ids = len(req.window_block_ids)
         return item
 
     def _trim_drafts(self, req: Request) -> None:

@@ -5,7 +5,7 @@ It is a program of its own: `python -m ember.distributed.worker --rank R --world
 --master-port P` with the config as JSON on stdin (started by rank 0, see ember.distributed.spawn), or
 `ember serve` under torchrun with RANK > 0.
 
-Messages (rank 0 -> all, on the control group, in order): ("kv", num_blocks) once, then ("step", (SchedulerOutput,
+Messages (rank 0 -> all, on the control group, in order): ("kv", (num_blocks, num_window_blocks)) once, then ("step", (SchedulerOutput,
 SpecDecodeMetadata or None, kv moves or None)) per engine step, ("ping", None) while idle, and finally
 ("stop", None). A step's SchedulerOutput carries deltas only (ember.core.outputs); each rank's runner keeps its
 own persistent batch from them, so every rank builds the same inputs. The KV moves are the ones rank 0 made
@@ -82,7 +82,7 @@ def serve_steps(runner, control) -> None:
                 runner.move_kv(*kv_moves)
             runner.execute(sched_out, spec)
         elif kind == "kv":
-            runner.allocate_kv_cache(payload)
+            runner.allocate_kv_cache(*payload)  # (num_blocks, num_window_blocks)
         elif kind == "stop":
             return
         # "ping": rank 0 checking that the workers are still there

@@ -11,6 +11,7 @@ import torch
 
 from ember.checkpoint import load_checkpoint, resolve_checkpoint_path
 from ember.core.block_manager import BlockManager
+from ember.core.window_blocks import HybridBlockManager, WindowBlockManager
 from ember.core.scheduler import Scheduler
 from ember.lora import build_lora_manager
 from ember.spec import build_speculator
@@ -57,6 +58,23 @@ def _num_kv_blocks(cfg, runner: ModelRunner, device: torch.device, max_model_len
     return max(1, int(num))
 
 
+def _split_window_pool(cfg, runner: ModelRunner, num_blocks: int, max_model_len: int, max_batch_size: int,
+                       window: int, sliding_layers: list[int]) -> tuple[int, int]:
+    """(global blocks, sliding blocks) from the memory `num_blocks` of every layer would take. The sliding pool
+    holds what the batch can use at once: each running sequence's window (+ 3 partial blocks) and the step's
+    new tokens; the rest of the budget goes to the global layers, which then fit longer contexts."""
+    bs, num_layers = runner.block_size, runner.model.num_layers
+    num_sliding = len(sliding_layers)
+    useful = max_batch_size * (-(-max_model_len // bs) + 1)
+    num_window = min(num_blocks, max_batch_size * (-(-window // bs) + 3)
+                     + -(-cfg.trt_llm.build.max_num_tokens // bs))
+    left = num_blocks * num_layers - num_window * num_sliding  # in one layer's blocks
+    num_full = max(1, min(left // (num_layers - num_sliding), useful))
+    logger.info("sliding-window layers (%d of %d, window %d) keep %d blocks of their own; global layers %d",
+                num_sliding, num_layers, window, num_window, num_full)
+    return num_full, num_window
+
+
 def build_engine_setup(cfg) -> EngineSetup:
     build, rt, em = cfg.trt_llm.build, cfg.trt_llm.runtime, cfg.ember
     path = resolve_checkpoint_path(build.checkpoint_repository)
@@ -76,7 +94,12 @@ def build_engine_setup(cfg) -> EngineSetup:
     max_model_len = min(build.max_seq_len, model_max) if build.max_seq_len else model_max
     max_batch_size = build.max_batch_size
     num_blocks = _num_kv_blocks(cfg, runner, device, max_model_len, max_batch_size)
-    executor.allocate_kv_cache(num_blocks)
+    windows = runner.window_layers() if build.speculator is None else None  # tree drafts move KV in one table
+    num_window_blocks = 0
+    if windows is not None:
+        num_blocks, num_window_blocks = _split_window_pool(cfg, runner, num_blocks, max_model_len, max_batch_size,
+                                                           *windows)
+    executor.allocate_kv_cache(num_blocks, num_window_blocks)
     # a sequence can never be longer than the whole KV cache
     max_model_len = min(max_model_len, num_blocks * em.block_size)
     if not em.enforce_eager:
@@ -84,6 +107,9 @@ def build_engine_setup(cfg) -> EngineSetup:
         if em.compile:
             runner.enable_compile(build.max_num_tokens)  # CPU, single rank; else it says why and stays eager
     block_manager = BlockManager(num_blocks, em.block_size, em.enable_prefix_caching)
+    if num_window_blocks:
+        block_manager = HybridBlockManager(block_manager, WindowBlockManager(
+            num_window_blocks, em.block_size, windows[0], em.enable_prefix_caching))
     scheduler = Scheduler(block_manager, max_num_tokens=build.max_num_tokens, max_batch_size=max_batch_size,
                           max_seq_len=max_model_len, policy=rt.batch_scheduler_policy,
                           enable_chunked_prefill=rt.enable_chunked_context, max_queue_size=em.max_queue_size,

@@ -48,6 +48,9 @@ class AttentionMetadata:
     # read by every Linear an adapter targets; None: no adapter in the step. It rides here because this is
     # the one metadata object every layer of a forward receives.
     lora: object | None = None
+    # The sliding-window layers' own view (their block table and slots) when the model keeps a separate table
+    # for them (ember.core.window_blocks); None: every layer reads this one.
+    window: "AttentionMetadata | None" = None
     # Per-step values the backend derives once and reuses in every layer (masks, index tensors).
     derived: dict = field(default_factory=dict, repr=False, compare=False)
 

@@ -69,6 +69,12 @@ class CausalLM(nn.Module):
         self.head_dim = head_dim_of(hf_config)
         return device
 
+    def sliding_window_layers(self) -> tuple[int, list[int]] | None:
+        """(window, layer indices) of sliding-window layers that can keep only their window in a KV pool of their
+        own (ember.core.window_blocks), beside global layers; None: every layer shares one block table. A model
+        opts in by overriding this (its forward must give those layers `attn_metadata.window`)."""
+        return None
+
     @property
     def kv_cache_spec(self) -> KVCacheSpec:
         return KVCacheSpec(self.num_layers, self.num_kv_heads, self.head_dim)

@@ -102,9 +102,11 @@ class Gemma3TextModel(nn.Module):
         local = self.rotary_local.cos_sin(positions, attn_metadata)
         hidden = self.embed_tokens(input_ids)  # [T, H]
         residual = None
+        window_metadata = getattr(attn_metadata, "window", None) or attn_metadata  # the sliding layers' own table
         for layer, kv_cache in zip(self.layers, kv_caches):
             cos, sin = local if layer.is_sliding else glob
-            hidden, residual = layer(hidden, residual, cos, sin, kv_cache, attn_metadata)
+            md = window_metadata if layer.is_sliding else attn_metadata
+            hidden, residual = layer(hidden, residual, cos, sin, kv_cache, md)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
@@ -128,6 +130,12 @@ class Gemma3ForCausalLM(CausalLM):
     def forward(self, input_ids, positions, kv_caches, attn_metadata) -> torch.Tensor:
         """input_ids [T], positions [T] -> final-normed hidden [T, H]."""
         return self.model(input_ids, positions, kv_caches, attn_metadata)
+
+    def sliding_window_layers(self) -> tuple[int, list[int]] | None:
+        sliding = [i for i, layer in enumerate(self.model.layers) if layer.self_attn.sliding_window]
+        if not sliding or len(sliding) == self.num_layers:
+            return None
+        return self.model.layers[sliding[0]].self_attn.sliding_window, sliding
 
 
 class Gemma3ForConditionalGeneration(Gemma3ForCausalLM):

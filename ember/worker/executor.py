@@ -112,11 +112,12 @@ class Executor:
         return cls(runner, processes, is_launched, control)
 
     # ---- what the engine calls ------------------------------------------------------------------
-    def allocate_kv_cache(self, num_blocks: int) -> None:
-        """Every rank allocates the same number of blocks (rank 0 decides), each with its KV heads."""
+    def allocate_kv_cache(self, num_blocks: int, num_window_blocks: int = 0) -> None:
+        """Every rank allocates the same number of blocks (rank 0 decides), each with its KV heads
+        (num_window_blocks > 0: the sliding layers' own pool, ember.core.window_blocks)."""
         if self.broadcaster is not None:
-            self.broadcaster.send("kv", num_blocks)
-        self.runner.allocate_kv_cache(num_blocks)
+            self.broadcaster.send("kv", (num_blocks, num_window_blocks))
+        self.runner.allocate_kv_cache(num_blocks, num_window_blocks)
 
     def execute(self, sched_out, spec=None) -> ModelRunnerOutput:
         """Run one step on every rank -> rank 0's sampled tokens. Called for every step, also an empty one

@@ -31,13 +31,15 @@ class StepInputs:
     block_tables: torch.Tensor  # [B, max_blocks] int32 (a view of the persistent table when rows are 0..B-1)
     sample_rows: list[int]  # flat token indices whose logits are wanted (drafts + 1 per sampling request)
     lora_items: list[tuple[str | None, int]]  # [B] (adapter name or None, new tokens)
+    window_block_tables: torch.Tensor | None = None  # [B, max_blocks] int32: the sliding layers' table, or None
 
 
 class InputBatch:
     """Rows of the running requests (see the module docstring). `sampling` (rank 0 only) mirrors every row
     change into the sampler's persistent tensors."""
 
-    def __init__(self, block_size: int, sampling=None, num_rows: int = 8, max_blocks: int = 16):
+    def __init__(self, block_size: int, sampling=None, num_rows: int = 8, max_blocks: int = 16,
+                 has_window_table: bool = False):
         self.block_size = block_size
         self.sampling = sampling  # ember.worker.sampling_inputs.SamplingState, or None on worker ranks
         self.row_of: dict[str, int] = {}  # request id -> row
@@ -47,6 +49,8 @@ class InputBatch:
         self.num_block_ids: list[int] = []  # per row: valid ids in its block table row
         self.lora_names: list[str | None] = []  # per row
         self.block_table = torch.zeros(num_rows, max_blocks, dtype=torch.int32)  # [rows, max_blocks]
+        # the sliding layers' table (ember.core.window_blocks), same rows; released entries keep stale ids
+        self.window_table = _Table(num_rows, max_blocks) if has_window_table else None
 
     @property
     def num_rows(self) -> int:
@@ -73,6 +77,8 @@ class InputBatch:
                         self.sampling.append_tokens(row, item.new_token_ids)
             if item.new_block_ids or item.block_ids_start != self.num_block_ids[row]:
                 self._write_blocks(row, item.block_ids_start, item.new_block_ids)
+            if self.window_table is not None:
+                self.window_table.write(row, item.window_block_ids_start, item.new_window_block_ids)
 
     def _add(self, new) -> int:
         if self._free:
@@ -82,6 +88,8 @@ class InputBatch:
             self.num_rows_used += 1
             if row >= self.block_table.shape[0]:
                 self._resize(rows=2 * self.block_table.shape[0])
+                if self.window_table is not None:
+                    self.window_table.resize(rows=2 * self.window_table.table.shape[0])
             self.token_ids.append([])
             self.num_block_ids.append(0)
             self.lora_names.append(None)
@@ -151,11 +159,36 @@ class InputBatch:
             block_tables = self.block_table[:len(rows), :num_blocks]  # [B, max_blocks] view, no copy
         else:
             block_tables = self.block_table[torch.tensor(rows, dtype=torch.int64), :num_blocks]  # [B, max_blocks]
+        window_tables = self.window_table.rows(rows, num_blocks) if self.window_table is not None else None
         step = StepInputs(torch.tensor(input_ids, dtype=torch.int64), torch.tensor(positions, dtype=torch.int64),
-                          rows, query_lens, seq_lens, block_tables, sample_rows, lora_items)
+                          rows, query_lens, seq_lens, block_tables, sample_rows, lora_items, window_tables)
         return step, trees
 
     def block_ids(self, request_id: str) -> list[int]:
         """One row's block ids (for KV moves after tree verification)."""
         row = self.row_of[request_id]
         return self.block_table[row, :self.num_block_ids[row]].tolist()
+
+
+class _Table:
+    """A second block table over the same rows (the sliding layers'): written from deltas, read per step."""
+
+    def __init__(self, num_rows: int, max_blocks: int):
+        self.table = torch.zeros(num_rows, max_blocks, dtype=torch.int32)  # [rows, max_blocks]
+
+    def write(self, row: int, start: int, block_ids: list[int]) -> None:
+        end = start + len(block_ids)
+        if end > self.table.shape[1]:
+            self.resize(cols=max(end, 2 * self.table.shape[1]))
+        if block_ids:  # NULL_BLOCK (-1) entries of an adopted prefix: any valid id, attention never reads them
+            self.table[row, start:end] = torch.tensor(block_ids, dtype=torch.int32).clamp_(min=0)
+
+    def resize(self, rows: int | None = None, cols: int | None = None) -> None:
+        old = self.table
+        self.table = torch.zeros(rows or old.shape[0], cols or old.shape[1], dtype=torch.int32)
+        self.table[:old.shape[0], :old.shape[1]] = old
+
+    def rows(self, rows: list[int], num_blocks: int) -> torch.Tensor:
+        if num_blocks > self.table.shape[1]:
+            self.resize(cols=num_blocks)
+        return self.table[torch.tensor(rows, dtype=torch.int64), :num_blocks]  # [B, max_blocks]

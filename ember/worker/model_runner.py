@@ -87,6 +87,7 @@ class ModelRunner:
         self.stager = PinnedStager(device)  # host -> device through pinned buffers (CUDA)
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
+        self.num_window_blocks = 0  # > 0: the sliding layers' own pool and table (ember.core.window_blocks)
         self.lora_manager = None  # ember.lora.LoRAManager when adapters are served; set by the engine setup
         self.graph_runner = None  # ember.worker.cuda_graphs.CUDAGraphRunner on CUDA (all-decode steps)
         self.compiled = None  # ember.models.compiled.CompiledForward on CPU when ember.compile is set
@@ -96,17 +97,28 @@ class ModelRunner:
         m = self.model
         return kv_cache_bytes_per_block(m.num_layers, self.block_size, m.num_kv_heads, m.head_dim, self.kv_cache_dtype)
 
-    def allocate_kv_cache(self, num_blocks: int) -> None:
+    def window_layers(self) -> tuple[int, list[int]] | None:
+        """(window, sliding layer indices) when the model's sliding layers can keep a pool of their own."""
+        return self.model.sliding_window_layers()
+
+    def allocate_kv_cache(self, num_blocks: int, num_window_blocks: int = 0) -> None:
+        """num_window_blocks > 0: the sliding layers (window_layers) get a pool of that many blocks and their own
+        block table (ember.core.window_blocks); the other layers get num_blocks."""
         m = self.model
-        self.num_blocks = num_blocks
+        self.num_blocks, self.num_window_blocks = num_blocks, num_window_blocks
         # on CUDA one scratch block beyond the block manager's: padding rows of graphed decode steps write there
         extra = int(self.device.type == "cuda")
-        self.kv_caches = allocate_kv_caches(m.num_layers, num_blocks + extra, self.block_size, m.num_kv_heads,
-                                            m.head_dim, self.kv_cache_dtype, self.device)
+        sliding = set(self.window_layers()[1]) if num_window_blocks else set()
+        full = iter(allocate_kv_caches(m.num_layers - len(sliding), num_blocks + extra, self.block_size,
+                                       m.num_kv_heads, m.head_dim, self.kv_cache_dtype, self.device))
+        window = iter(allocate_kv_caches(len(sliding), num_window_blocks + extra, self.block_size, m.num_kv_heads,
+                                         m.head_dim, self.kv_cache_dtype, self.device))
+        self.kv_caches = [next(window) if i in sliding else next(full) for i in range(m.num_layers)]
+        self.batch = InputBatch(self.block_size, self.sampling, has_window_table=bool(num_window_blocks))
 
     def enable_cuda_graphs(self, max_seq_len: int, max_batch_size: int) -> None:
         """Capture decode forwards per batch-size bucket (CUDA, single rank); a failed capture stays eager."""
-        if self.device.type != "cuda" or self.parallel.is_parallel or not self.kv_caches:
+        if self.device.type != "cuda" or self.parallel.is_parallel or not self.kv_caches or self.num_window_blocks:
             return
         from ember.worker.cuda_graphs import CUDAGraphRunner, graph_buckets
 
@@ -199,6 +211,10 @@ class ModelRunner:
         if step.tree_mask is not None:
             meta.tree_mask = step.tree_mask.to(self.device)
         meta.lora = step.lora
+        if inputs.window_block_tables is not None:  # the sliding layers' view: their table, their slots
+            meta.window = build_attention_metadata(inputs.query_lens, inputs.seq_lens, inputs.window_block_tables,
+                                                   self.block_size, self.device, is_deterministic=self.is_deterministic)
+            meta.window.tree_mask, meta.window.lora = meta.tree_mask, meta.lora
         forward = self.compiled.forward if self.compiled is not None else self.model
         with tail_grouping(self._tail_groups(inputs, meta)):
             hidden = forward(input_ids, pos, self.kv_caches, meta)  # [T, H]
