@@ -79,7 +79,8 @@ def iter_gguf_int4_grids(gguf: GGUFFile, hf_config) -> Iterator[tuple[str, Int4G
 
     names = gguf_to_hf_names(gguf, hf_config)
     for gguf_name, info in gguf.tensors.items():
-        grid = int4_grid(gguf, info) if gguf_name in names else None
+        # stacked experts ([E, ...]) are split per expert at load: their Linears are rounded with GPTQ instead
+        grid = int4_grid(gguf, info) if gguf_name in names and "_exps." not in gguf_name else None
         if grid is None:
             continue
         if gguf.architecture in _PERMUTED_QK_ARCHS and ".attn_q." in gguf_name:

@@ -5,6 +5,15 @@ from __future__ import annotations
 from ember.checkpoint.gguf_reader import GGUFFile
 
 
+# ember's class -> transformers model_type where the GGUF's architecture name differs
+_MODEL_TYPES = {"MixtralForCausalLM": "mixtral", "Qwen3MoeForCausalLM": "qwen3_moe", "Gemma3ForCausalLM": "gemma3_text"}
+# experts' keys transformers' GGUF tables leave out (llama.cpp's names -> the config's)
+_MOE_KEYS = {
+    "mixtral": {"expert_count": "num_local_experts", "expert_used_count": "num_experts_per_tok"},
+    "qwen3_moe": {"expert_feed_forward_length": "moe_intermediate_size"},
+}
+
+
 def gguf_hf_config(gguf: GGUFFile, architecture: str):
     """A transformers PretrainedConfig equal to `AutoConfig.from_pretrained(dir, gguf_file=name)`.
 
@@ -15,16 +24,21 @@ def gguf_hf_config(gguf: GGUFFile, architecture: str):
     from transformers.integrations.ggml import GGUF_CONFIG_DEFAULTS_MAPPING, GGUF_CONFIG_MAPPING
 
     model_type = gguf.architecture  # Mistral GGUFs say "llama" and load as Llama, as in transformers
+    model_type = _MODEL_TYPES.get(architecture, model_type)
     config: dict = {"tie_word_embeddings": "output.weight" not in gguf.tensors}
     config.update(GGUF_CONFIG_DEFAULTS_MAPPING.get(model_type, {}))
     for key, value in gguf.metadata.items():
         prefix, _, rest = key.partition(".")
         renames = GGUF_CONFIG_MAPPING.get(prefix, {})
+        if prefix == gguf.architecture:  # "qwen3moe." keys: transformers files them under "qwen3_moe"
+            renames = GGUF_CONFIG_MAPPING.get(model_type, renames)
         if rest in renames and renames[rest] not in (None, -1):
             config[renames[rest]] = value
+        elif prefix == gguf.architecture and rest in _MOE_KEYS.get(model_type, {}):
+            config[_MOE_KEYS[model_type][rest]] = value
     if "vocab_size" not in config and "tokenizer.ggml.tokens" in gguf.metadata:
         config["vocab_size"] = len(gguf.metadata["tokenizer.ggml.tokens"])
-    config.setdefault("model_type", model_type)
+    config["model_type"] = model_type  # not general.architecture's "qwen3moe" / "llama" (with experts)
     config["architectures"] = [architecture]
     return AutoConfig.for_model(**config)
 

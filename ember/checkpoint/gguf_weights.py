@@ -19,12 +19,18 @@ GGUF_ARCHITECTURES = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "gemma2": "Gemma2ForCausalLM",
+    "gemma3": "Gemma3ForCausalLM",
+    "qwen3moe": "Qwen3MoeForCausalLM",
     "phi3": "Phi3ForCausalLM",
 }
+# a "llama" GGUF with experts (llama.expert_count) is Mixtral, as llama.cpp's converter writes it
+_LLAMA_MOE = "MixtralForCausalLM"
+# experts stacked over dim 0 ([E, ...]): ember's MoE models split them per expert (ember.models.moe)
+_STACKED_EXPERTS = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight$")
 # llama.cpp's converter interleaves Q/K rows per head for these (rotary pairs (i, i+d/2) -> (2i, 2i+1))
 _PERMUTED_QK_ARCHS = {"llama"}
 # llama.cpp's converter stores Gemma norms as 1 + w, transformers' Gemma norms hold w
-_NORM_PLUS_ONE_ARCHS = {"gemma2"}
+_NORM_PLUS_ONE_ARCHS = {"gemma2", "gemma3"}
 # tensors llama.cpp adds that are buffers computed from the config on the transformers side
 _SKIPPED_TENSORS = re.compile(r"^(rope_freqs|rope_factors_long|rope_factors_short)\.weight$")
 
@@ -35,6 +41,8 @@ def gguf_architecture(gguf: GGUFFile) -> str:
     if arch not in GGUF_ARCHITECTURES:
         known = ", ".join(sorted(GGUF_ARCHITECTURES))
         raise ValueError(f"{gguf.path}: GGUF architecture {arch!r} is not recognised; known: {known}.")
+    if arch == "llama" and gguf.metadata.get("llama.expert_count", 0) > 0:
+        return _LLAMA_MOE
     return GGUF_ARCHITECTURES[arch]
 
 
@@ -66,6 +74,10 @@ def gguf_to_hf_names(gguf: GGUFFile, hf_config) -> dict[str, str]:
     arch = next(key for key, name in MODEL_ARCH_NAMES.items() if name == gguf.architecture)
     name_map = get_tensor_name_map(arch, hf_config.num_hidden_layers)
     mapping = {}
+    for gguf_name in gguf.tensors:  # transformers' own MoE layout (fused gate|up) has no per-part names
+        m = _STACKED_EXPERTS.match(gguf_name)
+        if m:
+            mapping[gguf_name] = f"model.layers.{m.group(1)}.mlp.experts.{m.group(2)}_proj"
     for hf_name in model.state_dict():
         base, dot, suffix = hf_name.rpartition(".")
         gguf_base = name_map.get_name(base) if dot else None
