@@ -59,11 +59,31 @@ def cmd_serve(args) -> int:
     rank_env = rank_env_from(os.environ)  # set by torchrun: every rank runs `ember serve`, ranks > 0 as workers
     if rank_env is not None and join_launch(cfg, rank_env):
         return 0
+    if args.backend == "ray":
+        return _serve_on_ray(cfg, args)
+    if args.replicas != 1:
+        return _fail("ember serve: --replicas needs --backend ray (one `ember serve` is one replica)", 2)
     try:
         from ember.server.app import run_server
     except ImportError as e:
         return _fail(f"ember serve: the server is not built yet ({e})", 1)
     run_server(cfg)
+    return 0
+
+
+def _serve_on_ray(cfg, args) -> int:
+    """`ember serve --backend ray`: N replicas of this config behind Ray Serve's HTTP proxy (ember.deploy.ray)."""
+    try:
+        from ember.deploy import ray as ember_ray
+        import ray  # noqa: F401
+    except ImportError:
+        return _fail("ember serve --backend ray: Ray is not installed (pip install 'ember[ray]')", 1)
+    if args.replicas < 1:
+        return _fail("ember serve: --replicas must be at least 1", 2)
+    opts = ember_ray.RayServeOptions(num_replicas=args.replicas, num_cpus_per_replica=args.cpus_per_replica,
+                                     autoscaling=args.autoscale, min_replicas=1)
+    ember_ray.run(cfg.model_dump(mode="json"), opts, host=cfg.ember.host, port=cfg.ember.port,
+                  ray_address=args.ray_address)
     return 0
 
 
@@ -141,6 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", help=f"require this Bearer token (default: ember.api_key, or ${API_KEY_ENV})")
     p.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
                    help="serve a PEFT LoRA adapter as model NAME (repeatable; adds to build.lora_adapters)")
+    p.add_argument("--backend", choices=["local", "ray"], default="local",
+                   help="local: this process serves (default); ray: --replicas engines behind Ray Serve (ember[ray])")
+    p.add_argument("--replicas", type=int, default=1, help="ray: number of engine replicas (with --autoscale, the most)")
+    p.add_argument("--autoscale", action="store_true",
+                   help="ray: scale between 1 and --replicas replicas on ongoing requests per replica")
+    p.add_argument("--cpus-per-replica", type=float, default=1.0, help="ray: CPUs Ray reserves per replica")
+    p.add_argument("--ray-address", default=None, help="ray: join this cluster (default: start a local one)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("build", help="resolve, quantize and calibrate a checkpoint into an engine directory")
