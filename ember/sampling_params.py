@@ -31,6 +31,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: no logprobs; k >= 0: sampled token's logprob plus top k
     prompt_logprobs: int | None = None
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling, in [-100, 100]
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     # Speculation overrides (None: the engine's build.speculator value; at most that value; 0 turns
@@ -63,6 +64,12 @@ class SamplingParams:
         for name in ("lookahead_windows_size", "lookahead_ngram_size", "lookahead_verification_set_size"):
             v = getattr(self, name)
             _check(v is None or v >= 0, name, v, "must be non-negative")
+        if self.logit_bias:
+            self.logit_bias = {_token_id(k): float(v) for k, v in self.logit_bias.items()}
+            for k, v in self.logit_bias.items():
+                _check(-100.0 <= v <= 100.0, "logit_bias", {k: v}, "values must be in [-100, 100]")
+        else:
+            self.logit_bias = None
         for name in ("logprobs", "prompt_logprobs"):
             v = getattr(self, name)
             _check(v is None or 0 <= v <= MAX_LOGPROBS, name, v, f"must be between 0 and {MAX_LOGPROBS}")
@@ -75,6 +82,17 @@ class SamplingParams:
         kw = {f: getattr(self, f) for f in self.__dataclass_fields__}
         kw.update(changes)
         return SamplingParams(**kw)
+
+
+def _token_id(key) -> int:
+    """A logit_bias key: a token id, as an int or (OpenAI's JSON) a string of one."""
+    try:
+        tid = int(key)
+    except (TypeError, ValueError):
+        raise ValueError(f"logit_bias={{{key!r}: ...}} keys must be token ids (integers)") from None
+    if isinstance(key, float) or isinstance(key, bool) or tid < 0 or (isinstance(key, str) and key.strip() != str(tid)):
+        raise ValueError(f"logit_bias={{{key!r}: ...}} keys must be non-negative integer token ids")
+    return tid
 
 
 def _check(ok: bool, name: str, value, what: str) -> None:

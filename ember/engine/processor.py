@@ -42,6 +42,10 @@ class InputProcessor:
         bad = next((t for t in prompt_ids if not 0 <= t < vocab), None)
         if bad is not None:
             raise InvalidRequestError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})", param="prompt")
+        bad = next((t for t in params.logit_bias or () if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequestError(f"logit_bias token id {bad} is outside the vocabulary [0, {vocab})",
+                                      param="logit_bias")
         max_tokens = self._max_tokens(len(prompt_ids), params)
         arrival = arrival_time if arrival_time is not None else time.monotonic()
         eos = set() if params.ignore_eos else set(info.eos_token_ids)

@@ -34,6 +34,9 @@ class SamplingMetadata:
     num_logprobs: list[int | None]  # per row: None or k top logprobs wanted
     is_all_greedy: bool
     is_all_random: bool
+    # OpenAI logit_bias of every row, flattened: ([2, K] int64 (row, token id) pairs, [K] float32 values);
+    # None when no row has a bias
+    logit_bias: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass
@@ -53,7 +56,7 @@ class Sampler:
         raw_logprobs = None
         if any(k is not None for k in meta.num_logprobs):
             raw_logprobs = torch.log_softmax(logits, dim=-1)
-        logits = apply_penalties(logits, meta)
+        logits = apply_logit_bias(apply_penalties(logits, meta), meta)
         if meta.banned_token_ids:
             rows, cols = _ragged_index(meta.banned_token_ids)
             if rows:
@@ -85,6 +88,14 @@ def apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tenso
         penalized = torch.where(logits > 0, logits / pen, logits * pen)
         logits = torch.where(seen, penalized, logits)
     return logits
+
+
+def apply_logit_bias(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    """Add each row's logit_bias to its logits [N, V]: one scatter-add over the whole batch."""
+    if meta.logit_bias is None:
+        return logits
+    index, values = meta.logit_bias  # [2, K], [K]
+    return logits.index_put((index[0], index[1]), values, accumulate=True)  # a new tensor, never the caller's
 
 
 def sampling_probs(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:

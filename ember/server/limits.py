@@ -77,8 +77,6 @@ def resolve_lora(model: str | None, engine, strict: bool = False) -> str | None:
 
 def check_supported(req: ChatCompletionRequest | CompletionRequest) -> None:
     """Valid OpenAI fields that this server does not serve: a clean 400, never silent misbehaviour."""
-    if req.logit_bias:
-        raise NotSupportedError("logit_bias is not supported yet.", param="logit_bias")
     if isinstance(req, CompletionRequest):
         if req.suffix:
             raise NotSupportedError("suffix is not supported.", param="suffix")
@@ -110,6 +108,17 @@ def check_limits(req: ChatCompletionRequest | CompletionRequest, s: ServerSettin
         raise InvalidRequestError(f"logprobs={req.logprobs} is above the limit of {s.max_logprobs}.", param="logprobs")
     if max_tokens is not None and req.min_tokens > max_tokens:
         raise InvalidRequestError(f"min_tokens={req.min_tokens} is above {name}={max_tokens}.", param="min_tokens")
+
+
+def check_logit_bias(req: ChatCompletionRequest | CompletionRequest, vocab_size: int | None) -> None:
+    """logit_bias keys must be token ids of this vocabulary, values in [-100, 100] (OpenAI's bounds)."""
+    for key, value in (req.logit_bias or {}).items():
+        if not (key.isascii() and key.isdigit()):
+            raise InvalidRequestError(f"logit_bias key {key!r} is not a token id; keys must be integer token ids as strings.", param="logit_bias")
+        if vocab_size is not None and int(key) >= vocab_size:
+            raise InvalidRequestError(f"logit_bias token id {key} is out of range; the vocabulary has {vocab_size} tokens.", param="logit_bias")
+        if not -100.0 <= value <= 100.0:
+            raise InvalidRequestError(f"logit_bias value {value} for token {key} must be between -100 and 100.", param="logit_bias")
 
 
 def requested_max_tokens(req) -> tuple[str, int | None]:
@@ -187,6 +196,7 @@ def sampling_params(req, max_tokens: int, logprobs: int | None, structured=None)
             logprobs=logprobs,
             skip_special_tokens=req.skip_special_tokens,
             include_stop_str_in_output=req.include_stop_str_in_output,
+            logit_bias=req.logit_bias,
             structured=structured,
         )
     except ValueError as exc:  # SamplingParams names the field first: "top_k=0 must be ..."

@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse
 
 from ember.server.limits import (
     check_limits,
+    check_logit_bias,
     check_prompt,
     check_supported,
     parse_deadline,
@@ -55,6 +56,7 @@ async def create_chat_completion(state: ServerState, request: Request):
     lora = resolve_lora(req.model, engine, settings.strict_model_name)
     check_supported(req)
     check_limits(req, settings)
+    check_logit_bias(req, state.vocab_size)
     deadline, timeout_s = parse_deadline(request.headers)
     if needs_structured_work(req):  # schema checks, tool rendering and grammar compiles: off the event loop
         text, meta = await anyio.to_thread.run_sync(_prepare_structured, state, req)

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from ember.errors import InvalidRequestError
 from ember.server.limits import (
     check_limits,
+    check_logit_bias,
     check_prompt,
     check_supported,
     parse_deadline,
@@ -67,6 +68,7 @@ async def create_completion(state: ServerState, request: Request):
     lora = resolve_lora(req.model, engine, settings.strict_model_name)
     check_supported(req)
     check_limits(req, settings)
+    check_logit_bias(req, state.vocab_size)
     deadline, timeout_s = parse_deadline(request.headers)
     spec = None
     if needs_structured_work(req):  # response_format / regex / grammar / choice: checked and compiled off the event loop

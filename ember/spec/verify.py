@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ember.layers.sampler import SamplingMetadata, sampling_probs
+from ember.layers.sampler import SamplingMetadata, apply_logit_bias, sampling_probs
 from ember.spec.tree import SpecOutput, chain_parents, children
 
 
@@ -25,6 +25,7 @@ def verify_drafts(logits: torch.Tensor, meta: SamplingMetadata, drafts: list[lis
                   trees: list[list[int] | None]) -> tuple[list[list[int]], list[SpecOutput]]:
     """logits [R, V] float32 with R = sum(len(d) + 1); `meta` has one row per logits row. Returns per
     request the tokens to append (accepted drafts + 1) and what happened to its drafts."""
+    logits = apply_logit_bias(logits, meta)  # [R, V]: as plain sampling sees them
     argmax = logits.argmax(dim=-1).tolist()  # the one host sync for greedy rows
     probs = None if meta.is_all_greedy else sampling_probs(logits, meta)  # [R, V]
     temps = meta.temperatures.tolist()

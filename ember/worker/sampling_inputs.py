@@ -40,6 +40,7 @@ class SamplingState:
         self.params: list = []  # per row: SamplingParams (None: free row)
         self.uses: list[frozenset[str]] = []  # per row: the non-default columns ("top_ks" included)
         self.banned: list[list[int]] = []  # per row: eos + stop ids, masked while outputs < min_tokens
+        self.biases: list[tuple[list[int], list[float]] | None] = []  # per row: logit_bias as (ids, values)
         self.num_outputs: list[int] = []  # per row: outputs so far
         self.request_ids: list[str | None] = []
         self.generators: dict[str, torch.Generator] = {}  # request id -> seeded generator (until it finishes)
@@ -63,7 +64,8 @@ class SamplingState:
             self.output_counts = pad(self.output_counts, 0.0)
         if self.prompt_mask is not None:
             self.prompt_mask = pad(self.prompt_mask, False)
-        for lst, fill in ((self.params, None), (self.uses, frozenset()), (self.banned, []), (self.num_outputs, 0),
+        for lst, fill in ((self.params, None), (self.uses, frozenset()), (self.banned, []), (self.biases, None),
+                          (self.num_outputs, 0),
                           (self.request_ids, None)):
             lst.extend([fill] * extra)
         self.capacity = new
@@ -99,6 +101,8 @@ class SamplingState:
             if ids:
                 self.prompt_mask[row, torch.tensor(ids, dtype=torch.int64, device=self.device)] = True
         self.banned[row] = [t for t in list(eos_token_ids) + list(params.stop_token_ids) if 0 <= t < self.vocab_size]
+        bias = {t: v for t, v in (params.logit_bias or {}).items() if 0 <= t < self.vocab_size}
+        self.biases[row] = (list(bias), list(bias.values())) if bias else None
         self.num_outputs[row] = len(output_token_ids)
         if params.seed is not None and params.temperature > 0 and request_id not in self.generators:
             gen = torch.Generator(device=self.device)
@@ -111,6 +115,7 @@ class SamplingState:
         if is_finished and rid is not None:
             self.generators.pop(rid, None)
         self.params[row], self.request_ids[row], self.uses[row] = None, None, frozenset()
+        self.biases[row] = None
 
     def forget(self, request_id: str) -> None:
         """A request finished while it held no row (e.g. aborted while preempted)."""
@@ -166,4 +171,21 @@ class SamplingState:
             num_logprobs=[self.params[r].logprobs for r in rows],
             is_all_greedy=all(t == 0 for t in temp_list),
             is_all_random=all(t > 0 for t in temp_list),
+            logit_bias=self._logit_bias(rows),
         )
+
+    def _logit_bias(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The biased rows' ([2, K] (logits row, token id), [K] value) pairs; None when no row has a bias."""
+        at: list[int] = []
+        ids: list[int] = []
+        values: list[float] = []
+        for i, r in enumerate(rows):
+            bias = self.biases[r]
+            if bias is not None:
+                at.extend([i] * len(bias[0]))
+                ids.extend(bias[0])
+                values.extend(bias[1])
+        if not ids:
+            return None
+        return (torch.tensor([at, ids], dtype=torch.int64, device=self.device),  # [2, K]
+                torch.tensor(values, dtype=torch.float32, device=self.device))

@@ -174,6 +174,40 @@ def test_logprobs(sdk, server):
     assert echo.choices[0].logprobs.token_logprobs[0] is None  # the first prompt token has no logprob
 
 
+def test_logit_bias(sdk, server):
+    """Ban the token greedy decoding picks first: it never appears; force a token: every token is it; a biased
+    request batched with an unbiased one leaves the unbiased one's output unchanged."""
+    import asyncio
+
+    tok = server.engine.tokenizer
+    plain = sdk.completions.create(model=server.model, prompt=PROMPT, max_tokens=6, temperature=0, logprobs=0, extra_body=FIXED)
+    first = tok.encode(plain.choices[0].logprobs.tokens[0], add_special_tokens=False)[0]
+    banned = sdk.completions.create(model=server.model, prompt=PROMPT, max_tokens=6, temperature=0, logprobs=0,
+                                    logit_bias={str(first): -100}, extra_body=FIXED)
+    assert banned.choices[0].text != plain.choices[0].text
+    assert first not in tok.encode(banned.choices[0].text, add_special_tokens=False)
+    forced = tok.encode(" blue", add_special_tokens=False)[0]
+    chat = sdk.chat.completions.create(model=server.model, messages=MSGS, max_tokens=5, temperature=0, logit_bias={str(forced): 100},
+                                       logprobs=True, extra_body=FIXED)
+    assert [tok.convert_tokens_to_ids(tok.convert_ids_to_tokens(tok.encode(t.token, add_special_tokens=False))[0])
+            for t in chat.choices[0].logprobs.content] == [forced] * 5
+    assert chat.choices[0].message.content == tok.decode([forced] * 5)
+
+    async def main():
+        async with openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=60) as client:
+            def one(**kw):
+                return client.completions.create(model=server.model, prompt=PROMPT, max_tokens=6, temperature=0, extra_body=FIXED, **kw)
+            return await asyncio.gather(one(logit_bias={str(first): -100}), one(), one(logit_bias={str(forced): 100}))
+
+    biased, unbiased, forced_out = asyncio.run(main())
+    assert unbiased.choices[0].text == plain.choices[0].text
+    assert biased.choices[0].text == banned.choices[0].text and forced_out.choices[0].text == tok.decode([forced] * 6)
+    for bad in ({"x": 1}, {"1": 101}, {str(10**7): 1}):
+        with pytest.raises(openai.BadRequestError) as exc:
+            sdk.completions.create(model=server.model, prompt=PROMPT, max_tokens=2, logit_bias=bad)
+        assert exc.value.param == "logit_bias"
+
+
 def test_async_concurrent(server):
     """Several concurrent streams through the async SDK, batched by the engine, each as if alone."""
     import asyncio

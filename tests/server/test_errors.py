@@ -71,7 +71,12 @@ CHAT_BAD = [
     ({"grammar": "root ::= undefined_rule"}, "grammar"),
     ({"choice": []}, "choice"),
     ({"regex": "a+", "choice": ["a"]}, "regex"),
-    ({"logit_bias": {"1": 5}}, "logit_bias"),
+    ({"logit_bias": {"x": 5}}, "logit_bias"),
+    ({"logit_bias": {"1.5": 5}}, "logit_bias"),
+    ({"logit_bias": {"-1": 5}}, "logit_bias"),
+    ({"logit_bias": {"1000000": 5}}, "logit_bias"),
+    ({"logit_bias": {"1": 100.5}}, "logit_bias"),
+    ({"logit_bias": {"1": -101}}, "logit_bias"),
 ]
 
 
@@ -94,6 +99,12 @@ COMPLETION_BAD = [
     ({"logprobs": 21}, "logprobs"),
     ({"best_of": 3}, "best_of"),
     ({"suffix": "!"}, "suffix"),
+    ({"logit_bias": {"x": 5}}, "logit_bias"),
+    ({"logit_bias": {"1.5": 5}}, "logit_bias"),
+    ({"logit_bias": {"-1": 5}}, "logit_bias"),
+    ({"logit_bias": {"1000000": 5}}, "logit_bias"),
+    ({"logit_bias": {"1": 100.5}}, "logit_bias"),
+    ({"logit_bias": {"1": -101}}, "logit_bias"),
 ]
 
 
