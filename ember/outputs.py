@@ -118,6 +118,9 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool = False
     num_cached_tokens: int = 0
+    # SamplingParams.prompt_logprobs: per prompt token, its teacher-forced logprob (None for the first token,
+    # which has no context); filled as the prefill's chunks run. None when not asked for.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     # convenience for the single-sequence case: outs[0].text etc. (DESIGN 1.4)
     @property

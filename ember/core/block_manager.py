@@ -101,8 +101,8 @@ class BlockManager:
         """Longest cached prefix of a request holding no blocks; never all its tokens, since the last
         one must be computed to produce logits."""
         out = CachedPrefix()
-        if not self.enable_prefix_caching:
-            return out
+        if not self.enable_prefix_caching or req.sampling_params.prompt_logprobs is not None:
+            return out  # prompt logprobs need every prompt position computed: no prefix hits
         max_blocks = (req.num_tokens - 1) // self.block_size
         for h in self._block_hashes(req, max_blocks)[:max_blocks]:
             block_id = self._cached.get(h)

@@ -59,6 +59,7 @@ class Request:
     cache_salt: str | None = None  # mixed into prefix hashes (e.g. the LoRA name): no sharing across salts
     lora_name: str | None = None  # the LoRA adapter this sequence runs with; None: the base model
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at first admission
+    num_prompt_logprobs: int = 0  # prompt logprobs handed out so far (a recomputed chunk is not sent twice)
     stop_reason: int | str | None = None  # stop token id or stop string that ended it (None for eos)
     block_ids: list[int] = field(default_factory=list)  # KV block table, owned by the BlockManager
     # the sliding-window layers' own table (ember.core.window_blocks), when the model keeps one; blocks wholly

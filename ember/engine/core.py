@@ -100,6 +100,11 @@ class EngineCore:
             logprobs = runner_out.logprobs.get(rid)
             if logprobs is not None:
                 out.new_logprobs = logprobs[:len(new_ids)]
+            prompt = runner_out.prompt_logprobs.get(rid)
+            if prompt is not None:  # a chunk recomputed after a preemption: only what was not sent yet
+                first, entries = prompt
+                out.new_prompt_logprobs = entries[max(0, seq.num_prompt_logprobs - first):]
+                seq.num_prompt_logprobs = max(seq.num_prompt_logprobs, first + len(entries))
             spec = runner_out.spec.get(rid)
             if spec is not None:
                 out.num_draft_tokens, out.num_accepted_tokens = spec.num_draft_tokens, len(spec.accepted_nodes)

@@ -35,6 +35,7 @@ class EngineCoreOutput:
     request_id: str
     new_token_ids: list[int]
     new_logprobs: list[TokenLogprob] | None = None
+    new_prompt_logprobs: list[TokenLogprob] | None = None  # the next prompt tokens' logprobs (prompt_logprobs)
     finish_reason: str | None = None  # "stop" | "length" | "abort", once, on the last output
     stop_reason: int | str | None = None  # stop token id (None for eos)
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache

@@ -37,11 +37,13 @@ class RequestState:
     params: SamplingParams
     seqs: list[SeqState] = field(default_factory=list)
     num_unfinished: int = 0
+    prompt_logprobs: list | None = None  # [None, then TokenLogprob per prompt token] (prompt_logprobs asked)
 
     def output(self) -> RequestOutput:
         comps = [s.completion for s in self.seqs]  # the live objects: n references, no copies
         cached = max(c.metrics.num_cached_tokens for c in comps)
-        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, comps, self.num_unfinished == 0, cached)
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, comps, self.num_unfinished == 0, cached,
+                             self.prompt_logprobs)
 
 
 @dataclass
@@ -58,7 +60,8 @@ class OutputProcessor:
 
     def add_request(self, request_id: str, prompt: str | None, prompt_ids: list[int], params: SamplingParams,
                     eos_token_ids: set[int], arrival: float) -> None:
-        state = RequestState(request_id, prompt, prompt_ids, params, num_unfinished=params.n)
+        state = RequestState(request_id, prompt, prompt_ids, params, num_unfinished=params.n,
+                             prompt_logprobs=[None] if params.prompt_logprobs is not None else None)
         for i, sid in enumerate(seq_ids(request_id, params.n)):
             comp = CompletionOutput(index=i, logprobs=[] if params.logprobs is not None else None,
                                     metrics=RequestMetrics(arrival_time=arrival))
@@ -113,6 +116,8 @@ class OutputProcessor:
             m.num_cached_tokens = out.num_cached_tokens
         m.num_draft_tokens += out.num_draft_tokens
         m.num_accepted_tokens += out.num_accepted_tokens
+        if out.new_prompt_logprobs and seq.completion.index == 0:  # n sequences share one prompt: the first's
+            seq.request.prompt_logprobs.extend(out.new_prompt_logprobs)
         new_ids = out.new_token_ids
         stop_hit = False
         if new_ids:

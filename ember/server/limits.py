@@ -106,6 +106,8 @@ def check_limits(req: ChatCompletionRequest | CompletionRequest, s: ServerSettin
                 raise InvalidRequestError(f"top_logprobs={req.top_logprobs} is above the limit of {s.max_logprobs}.", param="top_logprobs")
     elif req.logprobs is not None and req.logprobs > s.max_logprobs:
         raise InvalidRequestError(f"logprobs={req.logprobs} is above the limit of {s.max_logprobs}.", param="logprobs")
+    if max_tokens == 0 and not (isinstance(req, CompletionRequest) and req.echo):
+        raise InvalidRequestError(f"{name}=0 generates nothing; it is only allowed with echo (to score the prompt).", param=name)
     if max_tokens is not None and req.min_tokens > max_tokens:
         raise InvalidRequestError(f"min_tokens={req.min_tokens} is above {name}={max_tokens}.", param="min_tokens")
 
@@ -175,7 +177,8 @@ def resolve_max_tokens(req, num_prompt_tokens: int, max_model_len: int, s: Serve
     return budget if s.max_tokens_limit is None else min(budget, s.max_tokens_limit)
 
 
-def sampling_params(req, max_tokens: int, logprobs: int | None, structured=None) -> SamplingParams:
+def sampling_params(req, max_tokens: int, logprobs: int | None, structured=None,
+                    prompt_logprobs: int | None = None) -> SamplingParams:
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     try:
         return SamplingParams(
@@ -197,6 +200,7 @@ def sampling_params(req, max_tokens: int, logprobs: int | None, structured=None)
             skip_special_tokens=req.skip_special_tokens,
             include_stop_str_in_output=req.include_stop_str_in_output,
             logit_bias=req.logit_bias,
+            prompt_logprobs=prompt_logprobs,
             structured=structured,
         )
     except ValueError as exc:  # SamplingParams names the field first: "top_k=0 must be ..."

@@ -51,15 +51,18 @@ def chat_logprobs(entries, texts: TokenTexts) -> ChatChoiceLogprobs:
     return ChatChoiceLogprobs(content=content)
 
 
-def completion_logprobs(entries, texts: TokenTexts, offset: int, prompt_ids: list[int] | None = None) -> tuple[CompletionLogprobs, int]:
-    """Logprobs of `entries`, text offsets starting at `offset`; echoed prompt tokens (prompt_ids)
-    come first with null logprobs (ember does not compute prompt logprobs yet). Returns the next offset."""
+def completion_logprobs(entries, texts: TokenTexts, offset: int, prompt_ids: list[int] | None = None,
+                        prompt_logprobs: list | None = None) -> tuple[CompletionLogprobs, int]:
+    """Logprobs of `entries`, text offsets starting at `offset`; echoed prompt tokens (prompt_ids) come first,
+    with their teacher-forced logprobs (`prompt_logprobs`: RequestOutput.prompt_logprobs, None for the first
+    token). Returns the next offset."""
     out = CompletionLogprobs()
-    for tid in prompt_ids or []:
+    for i, tid in enumerate(prompt_ids or []):
         token = texts(tid)
+        e = prompt_logprobs[i] if prompt_logprobs is not None and i < len(prompt_logprobs) else None
         out.tokens.append(token)
-        out.token_logprobs.append(None)
-        out.top_logprobs.append(None)
+        out.token_logprobs.append(None if e is None else _finite(e.logprob))
+        out.top_logprobs.append(None if e is None else {texts(t): _finite(lp) for t, lp in e.top})
         out.text_offset.append(offset)
         offset += len(token)
     for e in entries:

@@ -128,6 +128,7 @@ PromptInput = str | list[str] | list[NonNegInt] | list[list[NonNegInt]]
 
 class CompletionRequest(_SamplingFields):
     prompt: PromptInput | None = None  # None (absent or null): OpenAI's "<|endoftext|>", here the BOS (else EOS) token
+    max_tokens: int | None = Field(None, ge=0)  # 0 only with echo: score the prompt, generate nothing
     echo: bool | None = False
     logprobs: int | None = Field(None, ge=0)
     best_of: int | None = Field(None, ge=1)

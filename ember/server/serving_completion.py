@@ -1,7 +1,8 @@
 """POST /v1/completions: a prompt as a string, a list of strings, token ids (list[int]) or lists of
 token ids; one engine request per prompt, choice index = prompt_index * n + sequence index.
-`echo` puts the prompt text before the completion (and its tokens, with null logprobs, before the
-completion's logprobs). Streams: text deltas, then a chunk with empty text and the finish_reason
+`echo` puts the prompt text before the completion (and, with `logprobs`, its tokens' teacher-forced
+logprobs from the prefill, null for the first token, before the completion's); `max_tokens: 0` with `echo`
+returns just the prompt (lm-evaluation-harness loglikelihood): one token is generated and dropped. Streams: text deltas, then a chunk with empty text and the finish_reason
 for each choice, the usage chunk when asked for, `data: [DONE]`."""
 
 from __future__ import annotations
@@ -75,11 +76,14 @@ async def create_completion(state: ServerState, request: Request):
         spec = await anyio.to_thread.run_sync(_prepare_spec, state, req)
     prompts = await _prompts(state, req)
     num_logprobs = req.logprobs
+    # echo + logprobs: the prompt tokens' logprobs, from the prefill forward itself
+    prompt_logprobs = num_logprobs if req.echo and num_logprobs is not None else None
     request_id = f"cmpl-{uuid.uuid4().hex}"
     jobs = []
     for i, (_, ids) in enumerate(prompts):
-        max_tokens = resolve_max_tokens(req, len(ids), state.max_model_len, settings)
-        jobs.append(Job(f"{request_id}-{i}", ids, sampling_params(req, max_tokens, num_logprobs, spec), lora))
+        # max_tokens=0 (echo only): one token is generated and dropped, so the prefill runs and finishes as usual
+        max_tokens = max(1, resolve_max_tokens(req, len(ids), state.max_model_len, settings))
+        jobs.append(Job(f"{request_id}-{i}", ids, sampling_params(req, max_tokens, num_logprobs, spec, prompt_logprobs), lora))
     if req.echo:  # token-id prompts are echoed as their decoded text
         prompts = [(text if text is not None else state.tokenizer.decode(ids), ids) for text, ids in prompts]
     model = lora or engine.served_model_name  # the served name, whatever `model` said
@@ -108,20 +112,23 @@ def _response(state, req: CompletionRequest, finals, prompts, request_id: str, m
     for p, final in enumerate(finals):
         prompt_text, prompt_ids = prompts[p]
         for o in final.outputs:
+            drop = req.max_tokens == 0  # echo only: the generated token is not returned
             logprobs = None
             if req.logprobs is not None:
                 echo_ids = prompt_ids if req.echo else None
-                logprobs, _ = completion_logprobs(o.logprobs or [], state.texts, 0, echo_ids)
-            text = (prompt_text + o.text) if req.echo else o.text
+                logprobs, _ = completion_logprobs([] if drop else o.logprobs or [], state.texts, 0, echo_ids,
+                                                  final.prompt_logprobs)
+            text = "" if drop else o.text
+            text = (prompt_text + text) if req.echo else text
             choices.append(CompletionChoice(index=p * req.n + o.index, text=text, logprobs=logprobs, finish_reason=o.finish_reason))
-    return CompletionResponse(id=request_id, model=model, choices=choices, usage=_usage(finals))
+    return CompletionResponse(id=request_id, model=model, choices=choices, usage=_usage(finals, req.max_tokens == 0))
 
 
-def _usage(finals):
+def _usage(finals, is_echo_only: bool = False):
     finals = [f for f in finals if f is not None]
     return make_usage(
         sum(len(f.prompt_token_ids) for f in finals),
-        sum(len(o.token_ids) for f in finals for o in f.outputs),
+        0 if is_echo_only else sum(len(o.token_ids) for f in finals for o in f.outputs),
         sum(f.num_cached_tokens for f in finals),
     )
 
@@ -142,8 +149,12 @@ async def _chunks(state, req: CompletionRequest, stream: OutputStream, timer, pr
             c = p * n + o.index
             if is_done[c]:
                 continue
-            delta = o.text_from(sent_chars[c])
-            new_logprobs = (o.logprobs or [])[sent_logprobs[c]:] if req.logprobs is not None else []
+            if req.echo and not is_started[c] and out.prompt_logprobs is not None \
+                    and len(out.prompt_logprobs) < len(prompts[p][1]) and o.finish_reason is None:
+                continue  # the prompt is echoed once its logprobs are all in (the prefill may run in chunks)
+            drop = req.max_tokens == 0  # echo only: the generated token is not returned
+            delta = "" if drop else o.text_from(sent_chars[c])
+            new_logprobs = (o.logprobs or [])[sent_logprobs[c]:] if req.logprobs is not None and not drop else []
             echo_ids = None
             if req.echo and not is_started[c]:
                 delta = prompts[p][0] + delta
@@ -151,7 +162,8 @@ async def _chunks(state, req: CompletionRequest, stream: OutputStream, timer, pr
             if delta or new_logprobs or echo_ids:
                 logprobs = None
                 if req.logprobs is not None:
-                    logprobs, offsets[c] = completion_logprobs(new_logprobs, state.texts, offsets[c], echo_ids)
+                    logprobs, offsets[c] = completion_logprobs(new_logprobs, state.texts, offsets[c], echo_ids,
+                                                               out.prompt_logprobs)
                 yield chunk([CompletionChoice(index=c, text=delta, logprobs=logprobs)])
                 is_started[c] = True
                 sent_chars[c] = max(sent_chars[c], o.num_chars)
@@ -161,4 +173,4 @@ async def _chunks(state, req: CompletionRequest, stream: OutputStream, timer, pr
                 yield chunk([CompletionChoice(index=c, text="", finish_reason=o.finish_reason)])
     timer.on_finish(finish_reasons(finals))
     if include_usage:
-        yield chunk([], _usage(finals))
+        yield chunk([], _usage(finals, req.max_tokens == 0))

@@ -12,7 +12,7 @@ the step's new tokens and rows, never a request's history.
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -32,6 +32,11 @@ class StepInputs:
     sample_rows: list[int]  # flat token indices whose logits are wanted (drafts + 1 per sampling request)
     lora_items: list[tuple[str | None, int]]  # [B] (adapter name or None, new tokens)
     window_block_tables: torch.Tensor | None = None  # [B, max_blocks] int32: the sliding layers' table, or None
+    # prompt logprobs (SamplingParams.prompt_logprobs): flat token indices of this step's prompt positions whose
+    # next token is a prompt token, that next token, and per asking request (id, first position, count, k)
+    prompt_rows: list[int] = field(default_factory=list)
+    prompt_targets: list[int] = field(default_factory=list)
+    prompt_items: list[tuple[str, int, int, int]] = field(default_factory=list)
 
 
 class InputBatch:
@@ -48,6 +53,7 @@ class InputBatch:
         self.token_ids: list[list[int]] = []  # per row: prompt + accepted outputs
         self.num_block_ids: list[int] = []  # per row: valid ids in its block table row
         self.lora_names: list[str | None] = []  # per row
+        self.prompt_logprobs: list[tuple[int, int] | None] = []  # per row: (prompt length, k) when it asked
         self.block_table = torch.zeros(num_rows, max_blocks, dtype=torch.int32)  # [rows, max_blocks]
         # the sliding layers' table (ember.core.window_blocks), same rows; released entries keep stale ids
         self.window_table = _Table(num_rows, max_blocks) if has_window_table else None
@@ -93,10 +99,13 @@ class InputBatch:
             self.token_ids.append([])
             self.num_block_ids.append(0)
             self.lora_names.append(None)
+            self.prompt_logprobs.append(None)
         self.row_of[new.request_id] = row
         self.token_ids[row] = list(new.prompt_token_ids) + list(new.output_token_ids)
         self.num_block_ids[row] = 0
         self.lora_names[row] = new.lora_name
+        k = new.sampling_params.prompt_logprobs
+        self.prompt_logprobs[row] = (len(new.prompt_token_ids), k) if k is not None else None
         if self.sampling is not None:
             self.sampling.add(row, new.request_id, new.sampling_params, new.eos_token_ids, new.prompt_token_ids,
                               new.output_token_ids)
@@ -111,6 +120,7 @@ class InputBatch:
         self.token_ids[row] = []
         self.num_block_ids[row] = 0
         self.lora_names[row] = None
+        self.prompt_logprobs[row] = None
         if self.sampling is not None:
             self.sampling.remove(row, is_finished)
         heapq.heappush(self._free, row)
@@ -136,6 +146,7 @@ class InputBatch:
         positions: list[int] = []
         rows, query_lens, seq_lens, sample_rows, lora_items = [], [], [], [], []
         trees: list[list[int] | None] = []
+        prompt_rows, prompt_targets, prompt_items = [], [], []
         for item in sched_out.scheduled:
             row = self.row_of[item.request_id]
             n, start, d = item.num_new_tokens, item.num_computed_tokens, item.num_draft_tokens
@@ -148,6 +159,13 @@ class InputBatch:
                 input_ids.extend(self.token_ids[row][start:start + n - d])
                 input_ids.extend(item.draft_token_ids)
                 positions.extend(rope_positions(start, n, d, tree))
+            wants = self.prompt_logprobs[row]
+            if wants is not None and start < wants[0] - 1:  # positions whose next token is a prompt token
+                count = min(start + n - d, wants[0] - 1) - start
+                base = len(input_ids) - n
+                prompt_rows.extend(range(base, base + count))
+                prompt_targets.extend(self.token_ids[row][start + 1:start + 1 + count])
+                prompt_items.append((item.request_id, start, count, wants[1]))
             rows.append(row)
             query_lens.append(n)
             seq_lens.append(start + n)
@@ -161,7 +179,8 @@ class InputBatch:
             block_tables = self.block_table[torch.tensor(rows, dtype=torch.int64), :num_blocks]  # [B, max_blocks]
         window_tables = self.window_table.rows(rows, num_blocks) if self.window_table is not None else None
         step = StepInputs(torch.tensor(input_ids, dtype=torch.int64), torch.tensor(positions, dtype=torch.int64),
-                          rows, query_lens, seq_lens, block_tables, sample_rows, lora_items, window_tables)
+                          rows, query_lens, seq_lens, block_tables, sample_rows, lora_items, window_tables,
+                          prompt_rows, prompt_targets, prompt_items)
         return step, trees
 
     def block_ids(self, request_id: str) -> list[int]:

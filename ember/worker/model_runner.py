@@ -42,6 +42,9 @@ class ModelRunnerOutput:
     sampled_token_ids: dict[str, list[int]] = field(default_factory=dict)
     logprobs: dict[str, list[TokenLogprob]] = field(default_factory=dict)
     spec: dict[str, SpecOutput] = field(default_factory=dict)  # requests that verified drafts
+    # requests that asked for prompt logprobs: (first position, logprobs of the prompt tokens after positions
+    # first, first + 1, ...) for this step's chunk
+    prompt_logprobs: dict[str, tuple[int, list[TokenLogprob]]] = field(default_factory=dict)
     kv_moves: tuple[list[int], list[int]] | None = None  # (src, dst) slots this rank moved after verifying
     # tree drafts: the executor hands them to the other ranks with the next step
 
@@ -161,15 +164,21 @@ class ModelRunner:
         tree_mask = build_tree_mask(sched_out.scheduled, trees)  # None: no drafts this step
         # each token's adapter slot: travels in this forward's metadata to the LoRA layers
         lora = self.lora_manager.prepare(inputs.lora_items) if self.lora_manager is not None else None
-        logits = self.forward(ForwardMetadata(inputs, tree_mask, lora))  # [R, V] float32 (rank 0)
+        logits = self.forward(ForwardMetadata(inputs, tree_mask, lora))  # [R + Q, V] float32 (rank 0)
         if logits is None or self.sampling is None:
             return out
+        if inputs.prompt_rows:  # the last Q rows: prompt positions of requests that asked for prompt logprobs
+            num_sampled = len(inputs.sample_rows)
+            self._prompt_logprobs(logits[num_sampled:], inputs, out)
+            logits = logits[:num_sampled]  # [R, V]
         items = [(item, row, tree) for item, row, tree in zip(sched_out.scheduled, inputs.rows, trees)
                  if item.is_sampling]
         grammar = sched_out.grammar
         if grammar is not None and grammar.rows:
             apply_bitmask(logits, grammar.bitmask, grammar.rows)  # tokens the grammar forbids -> -inf, in place
         completed = grammar.completed_ids if grammar is not None else ()
+        if not items:
+            return out
         if not any(item.num_draft_tokens for item, _, _ in items):
             self._sample(logits, items, completed, out)
             return out
@@ -191,8 +200,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, step: ForwardMetadata) -> torch.Tensor | None:
-        """The forward pass every tensor-parallel rank runs -> logits at `sample_rows` [R, V] float32 (rank 0;
-        None on the others, or when nothing samples)."""
+        """The forward pass every tensor-parallel rank runs -> logits at `sample_rows`, then at `prompt_rows`
+        [R + Q, V] float32 (rank 0; None on the others, or when no position is wanted)."""
         inputs = step.inputs
         hidden = self._graphed_forward(step)
         if hidden is not None:
@@ -232,10 +241,10 @@ class ModelRunner:
         return groups
 
     def _logits(self, hidden: torch.Tensor, step: ForwardMetadata) -> torch.Tensor | None:
-        rows = step.sample_rows
+        rows = step.sample_rows + step.inputs.prompt_rows
         if not rows:
             return None
-        if len(rows) == hidden.shape[0]:  # every position samples (all-decode steps): no gather
+        if len(rows) == hidden.shape[0] and not step.inputs.prompt_rows:  # all-decode steps: no gather
             return self.model.compute_logits(hidden)  # [R, V] float32
         idx = torch.tensor(rows, dtype=torch.int64).to(self.device, non_blocking=True)
         return self.model.compute_logits(hidden.index_select(0, idx))  # [R, V] float32
@@ -275,6 +284,25 @@ class ModelRunner:
             if k is not None and chosen is not None:
                 top = list(zip(top_ids[i][:k], top_vals[i][:k])) if k and top_ids is not None else []
                 out.logprobs[rid] = [TokenLogprob(ids[i], chosen[i], top)]
+
+    def _prompt_logprobs(self, logits: torch.Tensor, inputs: StepInputs, out: ModelRunnerOutput) -> None:
+        """Teacher-forced logprobs of prompt tokens from this chunk's logits [Q, V] (the raw model distribution)."""
+        logprobs = torch.log_softmax(logits, dim=-1)  # [Q, V]
+        targets = torch.tensor(inputs.prompt_targets, dtype=torch.int64).to(logprobs.device)  # [Q]
+        chosen = logprobs.gather(1, targets[:, None]).squeeze(1).tolist()
+        k = max(item[3] for item in inputs.prompt_items)
+        top_vals = top_ids = None
+        if k > 0:
+            top = logprobs.topk(k, dim=-1)
+            top_vals, top_ids = top.values.tolist(), top.indices.tolist()
+        q = 0
+        for rid, start, count, k_i in inputs.prompt_items:
+            entries = []
+            for j in range(q, q + count):
+                top_j = list(zip(top_ids[j][:k_i], top_vals[j][:k_i])) if k_i else []
+                entries.append(TokenLogprob(inputs.prompt_targets[j], chosen[j], top_j))
+            out.prompt_logprobs[rid] = (start, entries)
+            q += count
 
     def _verify(self, logits: torch.Tensor, items: list, out: ModelRunnerOutput) -> None:
         """Verify drafts: logits [R, V] hold drafts + 1 rows per request (already grammar-masked). Accepted

@@ -8,6 +8,7 @@ import math
 
 import openai
 import pytest
+import torch
 
 from e2e_server import API_KEY, real_server, wait_until
 
@@ -206,6 +207,44 @@ def test_logit_bias(sdk, server):
         with pytest.raises(openai.BadRequestError) as exc:
             sdk.completions.create(model=server.model, prompt=PROMPT, max_tokens=2, logit_bias=bad)
         assert exc.value.param == "logit_bias"
+
+
+def test_echo_logprobs_match_transformers(sdk, server):
+    """echo + logprobs: the prompt tokens' teacher-forced logprobs (null only for the first), as transformers
+    computes them on the same weights; max_tokens=0 returns just the prompt (lm-evaluation-harness loglikelihood)."""
+    from transformers import AutoModelForCausalLM
+
+    from ember.checkpoint.default import default_model_path
+
+    gguf = default_model_path()
+    hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
+    tok = server.engine.tokenizer
+    ids = tok.encode(PROMPT)
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([ids])).logits[0].double(), dim=-1)  # [P, V]
+
+    def check(lp, n_prompt):
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        for p in range(1, n_prompt):
+            assert lp.token_logprobs[p] == pytest.approx(ref[p - 1, ids[p]].item(), abs=1e-3)
+            want = ref[p - 1].topk(2)
+            assert len(lp.top_logprobs[p]) == 2
+            assert sorted(lp.top_logprobs[p].values(), reverse=True) == pytest.approx(want.values.tolist(), abs=1e-3)
+
+    scored = sdk.completions.create(model=server.model, prompt=PROMPT, max_tokens=0, echo=True, logprobs=2, temperature=0)
+    (choice,) = scored.choices
+    assert choice.text == PROMPT and len(choice.logprobs.tokens) == len(ids) and scored.usage.completion_tokens == 0
+    check(choice.logprobs, len(ids))
+    both = sdk.completions.create(model=server.model, prompt=[ids], max_tokens=3, echo=True, logprobs=2, temperature=0, extra_body=FIXED)
+    assert len(both.choices[0].logprobs.tokens) == len(ids) + 3
+    check(both.choices[0].logprobs, len(ids))
+    streamed = [c for c in sdk.completions.create(model=server.model, prompt=PROMPT, max_tokens=0, echo=True, logprobs=2, stream=True)
+                if c.choices and c.choices[0].logprobs]
+    assert "".join(c.choices[0].text for c in streamed) == PROMPT
+    assert [v for c in streamed for v in c.choices[0].logprobs.token_logprobs] == choice.logprobs.token_logprobs
+    with pytest.raises(openai.BadRequestError) as exc:
+        sdk.completions.create(model=server.model, prompt=PROMPT, max_tokens=0)
+    assert exc.value.param == "max_tokens"
 
 
 def test_async_concurrent(server):

@@ -46,3 +46,36 @@ def test_chat_answers_coherently(llm):
     out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
                    SamplingParams(max_tokens=32, temperature=0))[0]
     assert "Paris" in out.text and out.finish_reason == "stop"
+
+
+def _teacher_forced(hf_model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.log_softmax(hf_model(torch.tensor([ids])).logits[0].double(), dim=-1)  # [P, V]
+
+
+def _check_prompt_logprobs(out, ref: torch.Tensor, ids: list[int], k: int) -> None:
+    lps = out.prompt_logprobs
+    assert len(lps) == len(ids) and lps[0] is None
+    for p in range(1, len(ids)):
+        e = lps[p]
+        assert e.token_id == ids[p] and abs(e.logprob - ref[p - 1, ids[p]].item()) < 1e-3
+        want = ref[p - 1].topk(k)
+        assert [t for t, _ in e.top] == want.indices.tolist()
+        assert max(abs(v - w) for (_, v), w in zip(e.top, want.values.tolist())) < 1e-3
+
+
+def test_prompt_logprobs_match_transformers(llm, hf_model):
+    """Teacher-forced prompt logprobs from the prefill itself, whole and in 8-token chunks, with a prefix-cache
+    hit available (prompt_logprobs requests bypass it) and a request without prompt logprobs in the batch."""
+    prompts = [CHAT.format(q) for q in QUESTIONS[:2]]
+    ids = [llm.tokenizer.encode(p) for p in prompts]
+    refs = [_teacher_forced(hf_model, i) for i in ids]
+    params = SamplingParams(max_tokens=2, temperature=0, prompt_logprobs=3)
+    llm.generate(prompts, SamplingParams(max_tokens=1))  # caches both prompts' blocks
+    outs = llm.generate(prompts + [prompts[0]], [params, params, SamplingParams(max_tokens=2, temperature=0)])
+    assert outs[2].prompt_logprobs is None and outs[2].token_ids == outs[0].token_ids
+    for out, i, ref in zip(outs, ids, refs):
+        _check_prompt_logprobs(out, ref, i, 3)
+    chunked = LLM(dtype="float32", max_num_tokens=8)  # 2-3 chunks per prompt
+    for out, i, ref in zip(chunked.generate(prompts, params), ids, refs):
+        _check_prompt_logprobs(out, ref, i, 3)
