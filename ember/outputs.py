@@ -11,6 +11,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: list[tuple[int, float]] = field(default_factory=list)  # [(token_id, logprob)] best first
+    rank: int | None = None  # 1 + the number of tokens more likely than token_id (prompt logprobs only)
 
 
 @dataclass

@@ -106,6 +106,8 @@ def check_limits(req: ChatCompletionRequest | CompletionRequest, s: ServerSettin
                 raise InvalidRequestError(f"top_logprobs={req.top_logprobs} is above the limit of {s.max_logprobs}.", param="top_logprobs")
     elif req.logprobs is not None and req.logprobs > s.max_logprobs:
         raise InvalidRequestError(f"logprobs={req.logprobs} is above the limit of {s.max_logprobs}.", param="logprobs")
+    if req.prompt_logprobs is not None and req.prompt_logprobs > s.max_logprobs:
+        raise InvalidRequestError(f"prompt_logprobs={req.prompt_logprobs} is above the limit of {s.max_logprobs}.", param="prompt_logprobs")
     if max_tokens == 0 and not (isinstance(req, CompletionRequest) and req.echo):
         raise InvalidRequestError(f"{name}=0 generates nothing; it is only allowed with echo (to score the prompt).", param=name)
     if max_tokens is not None and req.min_tokens > max_tokens:
@@ -179,6 +181,9 @@ def resolve_max_tokens(req, num_prompt_tokens: int, max_model_len: int, s: Serve
 
 def sampling_params(req, max_tokens: int, logprobs: int | None, structured=None,
                     prompt_logprobs: int | None = None) -> SamplingParams:
+    """prompt_logprobs: what the route needs beyond the request's own `prompt_logprobs` (echo with logprobs)."""
+    asked = [k for k in (prompt_logprobs, req.prompt_logprobs) if k is not None]
+    prompt_logprobs = max(asked) if asked else None
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     try:
         return SamplingParams(

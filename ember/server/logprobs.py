@@ -12,6 +12,7 @@ import math
 from ember.server.protocol import (
     ChatChoiceLogprobs,
     CompletionLogprobs,
+    PromptLogprob,
     PromptTokensDetails,
     TokenLogprobOut,
     TopLogprob,
@@ -73,6 +74,21 @@ def completion_logprobs(entries, texts: TokenTexts, offset: int, prompt_ids: lis
         out.text_offset.append(offset)
         offset += len(token)
     return out, offset
+
+
+def prompt_logprobs_out(entries, texts: TokenTexts, k: int) -> list:
+    """vLLM's `prompt_logprobs`: per prompt token {token id: {logprob, rank, decoded_token}} for the token itself
+    and its top k alternatives (ranks 1..k); null for the first token."""
+    out = []
+    for e in entries or []:
+        if e is None:
+            out.append(None)
+            continue
+        d = {str(e.token_id): PromptLogprob(logprob=_finite(e.logprob), rank=e.rank, decoded_token=texts(e.token_id))}
+        for r, (tid, lp) in enumerate(e.top[:k], start=1):
+            d.setdefault(str(tid), PromptLogprob(logprob=_finite(lp), rank=r, decoded_token=texts(tid)))
+        out.append(d)
+    return out
 
 
 def make_usage(num_prompt_tokens: int, num_completion_tokens: int, num_cached_tokens: int = 0) -> Usage:

@@ -108,6 +108,7 @@ class _SamplingFields(_Request):
     regex: str | None = None
     grammar: str | None = None
     choice: list[str] | None = None
+    prompt_logprobs: int | None = Field(None, ge=0)  # vLLM's: each prompt token's logprob and the top k alternatives
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -200,6 +201,17 @@ def _now() -> int:
     return int(time.time())
 
 
+class PromptLogprob(_Response):
+    """One entry of vLLM's `prompt_logprobs`: {token id: this} per prompt position (null for the first)."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str
+
+
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
+
+
 class ChatCompletionResponse(_Response):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
@@ -208,6 +220,7 @@ class ChatCompletionResponse(_Response):
     choices: list[ChatChoice]
     usage: Usage
     system_fingerprint: str | None = None
+    prompt_logprobs: PromptLogprobs | None = Field(None, exclude_if=lambda v: v is None)  # vLLM's extra, when asked for
 
 
 class ChatStreamChoice(_Response):
@@ -239,6 +252,7 @@ class CompletionChoice(_Response):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    prompt_logprobs: PromptLogprobs | None = Field(None, exclude_if=lambda v: v is None)  # vLLM's extra, when asked for
 
 
 class CompletionResponse(_Response):

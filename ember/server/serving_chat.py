@@ -26,7 +26,7 @@ from ember.server.limits import (
     resolve_max_tokens,
     sampling_params,
 )
-from ember.server.logprobs import chat_logprobs, make_usage
+from ember.server.logprobs import chat_logprobs, make_usage, prompt_logprobs_out
 from ember.server.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -81,7 +81,7 @@ async def create_chat_completion(state: ServerState, request: Request):
     if not req.stream:
         (final,) = await run_to_end(stream, request)
         timer.on_finish(finish_reasons([final]))
-        return JSONResponse(dump(_response(state, final, request_id, model, num_logprobs, meta)), headers={"X-Request-Id": request_id})
+        return JSONResponse(dump(_response(state, final, request_id, model, num_logprobs, meta, req.prompt_logprobs)), headers={"X-Request-Id": request_id})
 
     await start_stream(stream, request)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -123,7 +123,8 @@ def _message(text: str, finish_reason: str | None, meta: ChatOutputMetadata) -> 
     return message, chat_finish_reason(finish_reason, bool(parsed.tool_calls))
 
 
-def _response(state: ServerState, final, request_id: str, model: str, num_logprobs: int | None, meta: ChatOutputMetadata) -> ChatCompletionResponse:
+def _response(state: ServerState, final, request_id: str, model: str, num_logprobs: int | None, meta: ChatOutputMetadata,
+              prompt_k: int | None = None) -> ChatCompletionResponse:
     choices = []
     for o in final.outputs:
         message, finish_reason = _message(o.text, o.finish_reason, meta)
@@ -131,7 +132,8 @@ def _response(state: ServerState, final, request_id: str, model: str, num_logpro
         choices.append(ChatChoice(index=o.index, message=message, logprobs=logprobs, finish_reason=finish_reason))
     num_completion = sum(len(o.token_ids) for o in final.outputs)
     usage = make_usage(len(final.prompt_token_ids), num_completion, final.num_cached_tokens)
-    return ChatCompletionResponse(id=request_id, model=model, choices=choices, usage=usage)
+    extra = prompt_logprobs_out(final.prompt_logprobs, state.texts, prompt_k) if prompt_k is not None else None
+    return ChatCompletionResponse(id=request_id, model=model, choices=choices, usage=usage, prompt_logprobs=extra)
 
 
 async def _chunks(state: ServerState, stream: OutputStream, timer, request_id: str, model: str, n: int, num_logprobs, include_usage: bool,

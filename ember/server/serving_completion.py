@@ -25,7 +25,7 @@ from ember.server.limits import (
     resolve_max_tokens,
     sampling_params,
 )
-from ember.server.logprobs import completion_logprobs, make_usage
+from ember.server.logprobs import completion_logprobs, make_usage, prompt_logprobs_out
 from ember.server.protocol import CompletionChoice, CompletionRequest, CompletionResponse
 from ember.server.serving import ServerState, dump, encode, finish_reasons, parse_body, run_to_end, sse_response, start_stream
 from ember.server.streaming import Job, OutputStream
@@ -120,7 +120,10 @@ def _response(state, req: CompletionRequest, finals, prompts, request_id: str, m
                                                   final.prompt_logprobs)
             text = "" if drop else o.text
             text = (prompt_text + text) if req.echo else text
-            choices.append(CompletionChoice(index=p * req.n + o.index, text=text, logprobs=logprobs, finish_reason=o.finish_reason))
+            extra = prompt_logprobs_out(final.prompt_logprobs, state.texts, req.prompt_logprobs) \
+                if req.prompt_logprobs is not None else None
+            choices.append(CompletionChoice(index=p * req.n + o.index, text=text, logprobs=logprobs, finish_reason=o.finish_reason,
+                                            prompt_logprobs=extra))
     return CompletionResponse(id=request_id, model=model, choices=choices, usage=_usage(finals, req.max_tokens == 0))
 
 

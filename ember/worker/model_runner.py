@@ -289,7 +289,9 @@ class ModelRunner:
         """Teacher-forced logprobs of prompt tokens from this chunk's logits [Q, V] (the raw model distribution)."""
         logprobs = torch.log_softmax(logits, dim=-1)  # [Q, V]
         targets = torch.tensor(inputs.prompt_targets, dtype=torch.int64).to(logprobs.device)  # [Q]
-        chosen = logprobs.gather(1, targets[:, None]).squeeze(1).tolist()
+        chosen_t = logprobs.gather(1, targets[:, None])  # [Q, 1]
+        ranks = ((logprobs > chosen_t).sum(dim=-1) + 1).tolist()
+        chosen = chosen_t.squeeze(1).tolist()
         k = max(item[3] for item in inputs.prompt_items)
         top_vals = top_ids = None
         if k > 0:
@@ -300,7 +302,7 @@ class ModelRunner:
             entries = []
             for j in range(q, q + count):
                 top_j = list(zip(top_ids[j][:k_i], top_vals[j][:k_i])) if k_i else []
-                entries.append(TokenLogprob(inputs.prompt_targets[j], chosen[j], top_j))
+                entries.append(TokenLogprob(inputs.prompt_targets[j], chosen[j], top_j, ranks[j]))
             out.prompt_logprobs[rid] = (start, entries)
             q += count
 

@@ -246,6 +246,18 @@ def test_echo_logprobs_match_transformers(sdk, server):
         sdk.completions.create(model=server.model, prompt=PROMPT, max_tokens=0)
     assert exc.value.param == "max_tokens"
 
+    # vLLM's prompt_logprobs: {token id: {logprob, rank, decoded_token}} for the prompt token and its top k
+    raw = sdk.completions.create(model=server.model, prompt=PROMPT, max_tokens=1, extra_body={"prompt_logprobs": 2}).model_dump()
+    plp = raw["choices"][0]["prompt_logprobs"]
+    assert len(plp) == len(ids) and plp[0] is None
+    for p in range(1, len(ids)):
+        mine = plp[p][str(ids[p])]
+        assert mine["logprob"] == pytest.approx(ref[p - 1, ids[p]].item(), abs=1e-3)
+        assert abs(mine["rank"] - (int((ref[p - 1] > ref[p - 1, ids[p]]).sum()) + 1)) <= 1  # (a float32 near-tie may swap)
+        assert {int(t) for t in plp[p]} == {ids[p], *ref[p - 1].topk(2).indices.tolist()}
+    chat = sdk.chat.completions.create(model=server.model, messages=MSGS, max_tokens=1, extra_body={"prompt_logprobs": 0}).model_dump()
+    assert len(chat["prompt_logprobs"]) == len(rendered_prompt_ids(server, MSGS)) and chat["prompt_logprobs"][0] is None
+
 
 def test_async_concurrent(server):
     """Several concurrent streams through the async SDK, batched by the engine, each as if alone."""
