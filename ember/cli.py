@@ -15,6 +15,7 @@ import time
 from ember.errors import ConfigError, EngineDeadError, WorkerStartError
 
 API_KEY_ENV = "EMBER_API_KEY"  # read only here, so the key need not appear in argv (ps)
+ENGINE_CACHE_ENV = "EMBER_ENGINE_CACHE_DIR"  # default of --engine-cache-dir (ember.engine_cache_dir)
 
 
 def _fail(message: str, code: int) -> int:
@@ -49,11 +50,29 @@ def _lora_adapters(cfg, specs: list[str]) -> dict:
     return adapters
 
 
+def _engine_cache_dir(args) -> str | None:
+    return args.engine_cache_dir or os.environ.get(ENGINE_CACHE_ENV) or None
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _built(cfg):
+    """A config asking for a quantization_type: the cached engine's config, built here first when absent
+    (ember.build.engine_cache), with its progress on stderr."""
+    from ember.build.engine_cache import needs_build, resolve_engine
+
+    return resolve_engine(cfg, log=_log) if needs_build(cfg) else cfg
+
+
 def cmd_serve(args) -> int:
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
-    cfg = _config(args.config, host=args.host, port=args.port, api_key=api_key)
+    cfg = _config(args.config, host=args.host, port=args.port, api_key=api_key,
+                  engine_cache_dir=_engine_cache_dir(args))
     if args.lora:
         cfg = _config(cfg, lora_adapters=_lora_adapters(cfg, args.lora))
+    cfg = _built(cfg)
     from ember.distributed.launch import join_launch, rank_env_from
 
     rank_env = rank_env_from(os.environ)  # set by torchrun: every rank runs `ember serve`, ranks > 0 as workers
@@ -88,7 +107,7 @@ def _serve_on_ray(cfg, args) -> int:
 
 
 def cmd_generate(args) -> int:
-    cfg = _config(args.config, dtype=args.dtype, device=args.device)
+    cfg = _built(_config(args.config, dtype=args.dtype, device=args.device, engine_cache_dir=_engine_cache_dir(args)))
     try:
         from ember import LLM, SamplingParams
     except ImportError as e:
@@ -153,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ember", description="LLM engine builder and OpenAI-compatible server.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     source_help = "config.yaml, Truss dir, model dir, engine dir or .gguf (default: the default model)"
+    cache_help = (f"where engines built for a config's quantization_type are cached (default: ${ENGINE_CACHE_ENV}, "
+                  "else ember.engine_cache_dir, else ~/.cache/ember/engines)")
 
     p = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
     p.add_argument("config", nargs="?", help=source_help)
@@ -168,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ray: scale between 1 and --replicas replicas on ongoing requests per replica")
     p.add_argument("--cpus-per-replica", type=float, default=1.0, help="ray: CPUs Ray reserves per replica")
     p.add_argument("--ray-address", default=None, help="ray: join this cluster (default: start a local one)")
+    p.add_argument("--engine-cache-dir", help=cache_help)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("build", help="resolve, quantize and calibrate a checkpoint into an engine directory")
@@ -186,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--engine-cache-dir", help=cache_help)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("bench", help="benchmarks: `ember bench offline ...`, `ember bench serve --url ...`",

@@ -370,6 +370,9 @@ class EmberSection(_Section):
     num_threads: Optional[PosInt] = None  # CPU threads for torch; None: torch's default
     enforce_eager: bool = False  # never replay CUDA graphs (GPU) nor run the compiled forward (CPU)
     compile: bool = False  # CPU: torch.compile the model's layers at start-up (ember.models.compiled)
+    # where `ember serve CONFIG` / `LLM(CONFIG)` keep the engines they build for a quantization_type
+    # (ember.build.engine_cache); None: ~/.cache/ember/engines
+    engine_cache_dir: Optional[str] = None
     chat_template: Optional[str] = None  # a Jinja file path or inline template; None: the checkpoint's
     trust_request_chat_template: Bool = False  # let requests send their own chat_template
     drain_timeout_s: Annotated[float, Field(strict=True, ge=0)] = 30.0  # on SIGTERM, wait this long for running requests

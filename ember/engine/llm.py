@@ -26,9 +26,11 @@ class LLM:
     EngineConfig, or None for the default model; keyword arguments override config fields."""
 
     def __init__(self, source=None, **overrides):
+        from ember.build.engine_cache import resolve_engine
         from ember.config import EngineConfig, load_config
 
         cfg = source if isinstance(source, EngineConfig) and not overrides else load_config(source, **overrides)
+        cfg = resolve_engine(cfg)  # a quantization_type: build the engine once into the engine cache, serve it
         self.config = cfg
         self.engine = LLMEngine(cfg)
         self.tokenizer = self.engine.tokenizer

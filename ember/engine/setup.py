@@ -75,13 +75,26 @@ def _split_window_pool(cfg, runner: ModelRunner, num_blocks: int, max_model_len:
     return num_full, num_window
 
 
+def quantization_name(ckpt) -> str:
+    """The quantization_type the loaded weights carry: an engine's from its manifest, else no_quant."""
+    quant = getattr(ckpt.hf_config, "ember_quantization", None) if ckpt.format == "engine" else None
+    return (quant or {}).get("type") or "no_quant"
+
+
+def weight_bytes(model) -> int:
+    """Bytes of this rank's weights as resident (quantized ones in their stored format), tied ones once."""
+    return sum(t.numel() * t.element_size() for t in model.parameters())  # parameters() yields a tied one once
+
+
 def build_engine_setup(cfg) -> EngineSetup:
     build, rt, em = cfg.trt_llm.build, cfg.trt_llm.runtime, cfg.ember
     path = resolve_checkpoint_path(build.checkpoint_repository)
     ckpt = load_checkpoint(path)  # an engine directory loads as a checkpoint carrying its quantization
     if build.quantization_type != "no_quant" and ckpt.format != "engine":
-        logger.warning("quantization_type %s takes effect when building: run `ember build CONFIG -o DIR` and serve DIR; "
-                       "serving %s unquantized", build.quantization_type, path)
+        # LLM(CONFIG) and `ember serve CONFIG` build it first (ember.build.engine_cache); a bare LLMEngine does not
+        logger.warning("quantization_type %s takes effect when building: serve the config with `ember serve` or "
+                       "LLM(), or run `ember build CONFIG -o DIR` and serve DIR; serving %s unquantized",
+                       build.quantization_type, path)
     device = resolve_device(em.device)
     dtype = resolve_dtype(em.dtype, device)
     if em.num_threads:
@@ -114,8 +127,9 @@ def build_engine_setup(cfg) -> EngineSetup:
                           max_seq_len=max_model_len, policy=rt.batch_scheduler_policy,
                           enable_chunked_prefill=rt.enable_chunked_context, max_queue_size=em.max_queue_size,
                           max_loras=em.max_loras if runner.lora_manager is not None else None)
-    logger.info("engine: %s (%s) on %s in %s, %d KV blocks of %d tokens, context %d",
-                ckpt.architecture, path, device, dtype, num_blocks, em.block_size, max_model_len)
+    logger.info("engine: %s (%s) on %s in %s, %s weights %.1f MiB, %d KV blocks of %d tokens, context %d",
+                ckpt.architecture, path, device, dtype, quantization_name(ckpt), weight_bytes(runner.model) / (1 << 20),
+                num_blocks, em.block_size, max_model_len)
     return EngineSetup(ckpt, tokenizer, ckpt.chat_template, runner, scheduler, max_model_len, num_blocks,
                        em.block_size, list(ckpt.eos_token_ids), device, dtype,
                        build_speculator(build.speculator, device.type, dtype.itemsize), executor=executor)

@@ -222,9 +222,10 @@ def build_engine(cfg):
         from ember.encoder.engine import EncoderEngine
 
         return EncoderEngine(cfg)
+    from ember.build.engine_cache import resolve_engine
     from ember.engine.async_engine import AsyncLLM
 
-    return AsyncLLM(cfg)
+    return AsyncLLM(resolve_engine(cfg))  # a quantization_type: the cached engine, built on first start
 
 
 def run_server(cfg) -> None:
