@@ -57,15 +57,18 @@ class HeadRMSNorm(nn.Module):
     the q heads use q_norm's weight and the k heads k_norm's, so both norms are one pass.
     """
 
-    def __init__(self, num_q_heads: int, num_kv_heads: int, head_dim: int, eps: float, *, dtype, device):
+    def __init__(self, num_q_heads: int, num_kv_heads: int, head_dim: int, eps: float, *, dtype, device,
+                 weight_offset: float = 0.0):
         super().__init__()
         self.num_q_heads, self.num_kv_heads, self.head_dim, self.eps = num_q_heads, num_kv_heads, head_dim, eps
-        self.q_weight = nn.Parameter(torch.ones(head_dim, dtype=dtype, device=device), requires_grad=False)
-        self.k_weight = nn.Parameter(torch.ones(head_dim, dtype=dtype, device=device), requires_grad=False)
+        self.weight_offset = weight_offset  # Gemma 3: (1 + w), kept and applied in float32 as RMSNorm does
+        pdtype = torch.float32 if weight_offset else dtype
+        self.q_weight = nn.Parameter(torch.ones(head_dim, dtype=pdtype, device=device), requires_grad=False)
+        self.k_weight = nn.Parameter(torch.ones(head_dim, dtype=pdtype, device=device), requires_grad=False)
         self._weight: torch.Tensor | None = None  # [Hq + Hk, D], built after loading
 
     def load_weight(self, param_name: str, tensor: torch.Tensor, shard_id: int | None = None) -> None:
-        getattr(self, param_name).data.copy_(tensor)
+        getattr(self, param_name).data.copy_(tensor.float() + self.weight_offset if self.weight_offset else tensor)
         self._weight = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -76,4 +79,6 @@ class HeadRMSNorm(nn.Module):
             )
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.weight_offset:
+            return (xf * self._weight).to(x.dtype)
         return xf.to(x.dtype) * self._weight

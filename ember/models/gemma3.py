@@ -27,26 +27,6 @@ from ember.models.llama import Attention
 logger = logging.getLogger(__name__)
 
 
-class GemmaHeadRMSNorm(HeadRMSNorm):
-    """Per-head q/k norm with Gemma's (1 + w) weight, kept and applied in float32 like transformers."""
-
-    def __init__(self, num_q_heads: int, num_kv_heads: int, head_dim: int, eps: float, *, dtype, device):
-        super().__init__(num_q_heads, num_kv_heads, head_dim, eps, dtype=torch.float32, device=device)
-
-    def load_weight(self, param_name: str, tensor: torch.Tensor, shard_id: int | None = None) -> None:
-        super().load_weight(param_name, tensor.float() + 1.0)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [T, Hq + Hk, D]
-        if self._weight is None:
-            self._weight = torch.cat(
-                [self.q_weight.expand(self.num_q_heads, -1), self.k_weight.expand(self.num_kv_heads, -1)]
-            )
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * self._weight).to(x.dtype)
-
-
 def _rope_params(cfg, layer_type: str) -> dict:
     """One layer type's rotary settings as RotaryEmbedding reads them."""
     params = dict((getattr(cfg, "rope_parameters", None) or {}).get(layer_type) or {})
@@ -73,8 +53,8 @@ class Gemma3DecoderLayer(Gemma2DecoderLayer):
                          backend=backend, scale=cfg.query_pre_attn_scalar**-0.5, qkv_bias=bias, o_bias=bias,
                          sliding_window=layer_sliding_window(cfg, layer_idx), dtype=dtype, device=device,
                          parallel=parallel)  # transformers' Gemma3Attention never soft-caps
-        attn.qk_norm = GemmaHeadRMSNorm(attn.num_heads, attn.num_kv_heads, head_dim_of(cfg), cfg.rms_norm_eps,
-                                        dtype=dtype, device=device)
+        attn.qk_norm = HeadRMSNorm(attn.num_heads, attn.num_kv_heads, head_dim_of(cfg), cfg.rms_norm_eps,
+                                   dtype=dtype, device=device, weight_offset=1.0)  # Gemma's (1 + w)
         return attn
 
 
