@@ -3,9 +3,9 @@ object with the AsyncLLM interface (tests pass a fake); `run_server(cfg)` serves
 with uvicorn.
 
 Lifecycle: the app's lifespan awaits `engine.start()` and, at exit, `engine.shutdown()`. SIGTERM
-(or SIGINT) sets the draining flag (new requests and /health: 503), uvicorn stops listening and
-gives in-flight requests `ember.drain_timeout_s` seconds; after that they are cancelled (which
-aborts their engine requests) and the process exits.
+(or SIGINT) starts the drain (drain.py): new requests and /health get 503 while in-flight requests
+get `ember.drain_timeout_s` seconds; those still running then end with a 503 `server_shutdown` error
+(mid-stream: an SSE error event, then `[DONE]`), their engine requests aborted, and the process exits 0.
 
 Deadlines: a `Request-Timeout-Ms` header (milliseconds) or `X-Request-Timeout` (seconds) sets a
 deadline, passed to `engine.generate(deadline=...)` as a `time.monotonic()` value; the server also
@@ -30,6 +30,7 @@ from fastapi.responses import JSONResponse, Response
 from ember.errors import EngineDeadError, InvalidRequestError
 from ember.lora.routes import add_lora_routes
 from ember.server.chat import ChatRenderer
+from ember.server.drain import DRAIN_GRACE_S, EmberServer
 from ember.server.errors import ServiceUnavailableError, ember_error_response, install_error_handlers
 from ember.server.limits import ServerSettings, resolve_lora
 from ember.server.logprobs import TokenTexts
@@ -181,21 +182,6 @@ async def _detokenize(state: ServerState, request: Request) -> Response:
     return JSONResponse(dump(DetokenizeResponse(prompt=state.tokenizer.decode(req.tokens))))
 
 
-class EmberServer(uvicorn.Server):
-    """uvicorn with a draining flag: on SIGTERM/SIGINT new requests get 503 at once, while uvicorn
-    stops listening and waits up to timeout_graceful_shutdown for in-flight ones."""
-
-    def __init__(self, config: uvicorn.Config, state: ServerState):
-        super().__init__(config)
-        self.ember_state = state
-
-    def handle_exit(self, sig, frame) -> None:
-        if not self.ember_state.is_draining:
-            logger.info("signal %s: draining (new requests get 503, in-flight ones may finish)", sig)
-        self.ember_state.is_draining = True
-        super().handle_exit(sig, frame)
-
-
 def build_server(app: FastAPI, host: str | None = None, port: int | None = None, **uvicorn_kwargs) -> EmberServer:
     state: ServerState = app.state.ember
     s = state.settings
@@ -203,7 +189,7 @@ def build_server(app: FastAPI, host: str | None = None, port: int | None = None,
         app,
         host=host or s.host,
         port=port if port is not None else s.port,
-        timeout_graceful_shutdown=s.drain_timeout_s,
+        timeout_graceful_shutdown=DRAIN_GRACE_S,  # after ember's own drain of drain_timeout_s (EmberServer.drain)
         lifespan="on",
         # The stdlib event loop and the h11 parser whether or not uvloop/httptools are installed (Ray Serve's
         # extra brings both): ember's streaming, disconnect and abort paths are tested on these, and with
@@ -235,7 +221,7 @@ def run_server(cfg) -> None:
     server = build_server(app)
     threading.Thread(target=_exit_when_engine_dies, args=(engine, server), name="ember-watchdog", daemon=True).start()
     server.run()
-    reason = engine.dead_reason()
+    reason = server.engine_dead_reason
     if reason is not None:  # a dead engine (e.g. a tensor-parallel worker killed) ends the process, clearly
         _exit_dead(reason)
 

@@ -4,7 +4,7 @@ that starts only once the engine accepted it)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
 import anyio
@@ -13,6 +13,7 @@ from pydantic import BaseModel
 
 from ember.errors import InvalidRequestError
 from ember.server.chat import ChatRenderer
+from ember.server.drain import LiveStreams
 from ember.server.errors import ember_error_body
 from ember.server.limits import ServerSettings
 from ember.server.logprobs import TokenTexts
@@ -33,6 +34,7 @@ class ServerState:
     texts: TokenTexts
     vocab_size: int | None
     is_draining: bool = False
+    live_streams: LiveStreams = field(default_factory=LiveStreams)  # stopped when the drain time ends
 
     @property
     def tokenizer(self):

@@ -77,7 +77,7 @@ async def create_chat_completion(state: ServerState, request: Request):
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     model = lora or engine.served_model_name  # the served name, whatever `model` said
     timer = state.metrics.timer()
-    stream = OutputStream(engine, [Job(request_id, prompt_ids, params, lora)], deadline, timeout_s, timer)
+    stream = OutputStream(engine, [Job(request_id, prompt_ids, params, lora)], deadline, timeout_s, timer, state.live_streams)
     if not req.stream:
         (final,) = await run_to_end(stream, request)
         timer.on_finish(finish_reasons([final]))

@@ -88,7 +88,7 @@ async def create_completion(state: ServerState, request: Request):
         prompts = [(text if text is not None else state.tokenizer.decode(ids), ids) for text, ids in prompts]
     model = lora or engine.served_model_name  # the served name, whatever `model` said
     timer = state.metrics.timer()
-    stream = OutputStream(engine, jobs, deadline, timeout_s, timer)
+    stream = OutputStream(engine, jobs, deadline, timeout_s, timer, state.live_streams)
     if not req.stream:
         finals = await run_to_end(stream, request)
         timer.on_finish(finish_reasons(finals))

@@ -6,6 +6,8 @@ first output of every prompt, so that queue-full (429), context (400) and dead-e
 surface before any response byte is sent; iteration then merges the prompts' outputs. Whatever ends
 it (done, error, deadline, client gone, shutdown) `close()` closes the engine iterators and calls
 `engine.abort` for unfinished requests, shielded from cancellation, so their KV blocks are freed.
+Between `start()` and `close()` a stream is in the server's `LiveStreams`: at the end of a drain
+`stop(error)` interrupts the wait in progress (or the next one) and makes the stream raise `error`.
 
 `run_until_disconnect` races a non-streaming request against the client leaving; `SSEResponse`
 does the same for streams (Starlette's listener, whatever the ASGI spec version) and always closes
@@ -49,8 +51,10 @@ class Job:
 
 
 class OutputStream:
-    def __init__(self, engine, jobs: list[Job], deadline: float | None = None, timeout_s: float | None = None, timer=None):
+    def __init__(self, engine, jobs: list[Job], deadline: float | None = None, timeout_s: float | None = None, timer=None,
+                 live=None):
         self.engine = engine
+        self.live = live  # drain.LiveStreams: holds the stream while it runs, so a server shutdown can stop it
         self.timer = timer  # metrics.RequestTimer: told the running output-token count
         self.jobs = jobs
         self.deadline = deadline  # time.monotonic() value
@@ -60,10 +64,14 @@ class OutputStream:
         self.num_tokens = [0] * len(jobs)
         self.firsts: list[Any] = []
         self.closed = False
+        self.stop_error: BaseException | None = None  # set by stop(): raised instead of the next output
+        self._wait_scope: asyncio.Timeout | None = None  # the wait in progress, which stop() ends at once
 
     async def start(self) -> None:
         """Submit every prompt and wait for its first output; engine refusals are raised here."""
         try:
+            if self.live is not None:
+                self.live.add(self)  # refused (raises) once the server's drain time is over
             for i, job in enumerate(self.jobs):
                 it = self.engine.generate(job.prompt, job.params, job.request_id, lora_name=job.lora_name, deadline=self.deadline)
                 if inspect.isawaitable(it):  # an `async def` returning an iterator works too
@@ -114,13 +122,28 @@ class OutputStream:
                 yield i, out
 
     async def _bounded(self, awaitable):
-        if self.deadline is None:
-            return await awaitable
+        """Await `awaitable` within the deadline, unless stop() comes first."""
+        if self.stop_error is not None:
+            awaitable.close()
+            raise self.stop_error
+        delay = None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
         try:
-            async with asyncio.timeout(max(0.0, self.deadline - time.monotonic())):
+            async with asyncio.timeout(delay) as scope:
+                self._wait_scope = scope
                 return await awaitable
         except TimeoutError:
+            if self.stop_error is not None:
+                raise self.stop_error from None
             raise self._timeout_error() from None
+        finally:
+            self._wait_scope = None
+
+    def stop(self, error: BaseException) -> None:
+        """End the stream with `error` (the server's drain time is over): the wait for the next output
+        is cut short, the iteration raises `error`, and close() aborts the engine requests."""
+        self.stop_error = error
+        if self._wait_scope is not None and not self._wait_scope.expired():  # an expired one raises on its own
+            self._wait_scope.reschedule(asyncio.get_running_loop().time())  # fires on the loop's next turn
 
     async def _next(self, i: int):
         try:
@@ -138,19 +161,16 @@ class OutputStream:
         return i, out
 
     async def _wait(self, tasks: list[asyncio.Future], all_done: bool) -> list:
-        timeout = None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
         when = asyncio.FIRST_EXCEPTION if all_done else asyncio.FIRST_COMPLETED
         try:
-            done, not_done = await asyncio.wait(tasks, timeout=timeout, return_when=when)
-        except BaseException:
+            done, _ = await self._bounded(asyncio.wait(tasks, return_when=when))
+        except BaseException:  # the deadline, stop() or the caller's cancellation
             await _cancel_all(tasks)
             raise
         failed = [t for t in done if not t.cancelled() and t.exception() is not None]
-        if failed or (all_done and not_done) or not done:
+        if failed:
             await _cancel_all(tasks)
-            if failed:
-                raise failed[0].exception()
-            raise self._timeout_error()
+            raise failed[0].exception()
         return [t.result() for t in tasks if t in done]
 
     def _expired(self) -> bool:
@@ -166,6 +186,8 @@ class OutputStream:
         if self.closed:
             return
         self.closed = True
+        if self.live is not None:
+            self.live.discard(self)
         task = asyncio.ensure_future(self._cleanup())
         _background.add(task)
         task.add_done_callback(_background.discard)
