@@ -48,7 +48,7 @@ def test_requests_left_at_the_end_of_the_drain_get_an_error(tokenizer):
               httpx.Client(base_url=server.url, timeout=EVENT_TIMEOUT) as client):
             chat = iter(sdk.chat.completions.create(model="fake-model", messages=[{"role": "user", "content": "hi"}], stream=True))
             assert next(chat).choices[0].delta.role == "assistant"
-            with (client.stream("POST", "/v1/completions", json={**body, "stream": True}) as comp,
+            with (client.stream("POST", "/v1/completions", json={**body, "prompt": ["x", "y"], "stream": True}) as comp,  # 2 prompts
                   client.stream("POST", "/v1/responses", json={"model": "fake-model", "input": "hi", "stream": True}) as resp):
                 assert comp.status_code == resp.status_code == 200  # both started: the engine accepted them
                 server.server.handle_exit(signal.SIGTERM, None)
@@ -69,5 +69,5 @@ def test_requests_left_at_the_end_of_the_drain_get_an_error(tokenizer):
     assert [name for name, _ in resp_events][:2] == ["response.created", "response.in_progress"]
     assert resp_events[-1][0] == "error"
     _assert_shutdown_error(resp_events[-1][1]["error"])
-    assert len(engine.calls) == 4 and sorted(engine.aborted) == sorted(c.request_id for c in engine.calls)
+    assert len(engine.calls) == 5 and sorted(engine.aborted) == sorted(c.request_id for c in engine.calls)
     assert engine.shut_down
