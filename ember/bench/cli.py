@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ember.bench import gpu, int4, invariance, moe, offline, serve
+from ember.bench import attention, gpu, int4, invariance, moe, offline, serve
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,6 +16,8 @@ def main(argv: list[str] | None = None) -> int:
     gpu.add_args(sub.add_parser("gpu", help="a published architecture with random weights: decode/prefill tok/s "
                                             "vs transformers and the device's measured limits"))
     int4.add_args(sub.add_parser("int4", help="the int4 CPU matmuls vs bf16 per batch size, on a model's Linear shapes"))
+    attention.add_args(sub.add_parser("attention", help="batched decode / speculative attention: one SDPA call vs "
+                                                        "the matmul chain, per batch size"))
     moe.add_args(sub.add_parser("moe", help="a random tiny-ish Mixtral: MoE decode tok/s vs transformers per batch size"))
     args = parser.parse_args(argv)
     if args.mode == "offline":
@@ -28,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
         gpu.main(args)
     elif args.mode == "int4":
         int4.main(args)
+    elif args.mode == "attention":
+        attention.main(args)
     elif args.mode == "moe":
         moe.main(args)
     return 0

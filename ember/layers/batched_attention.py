@@ -1,8 +1,8 @@
 """Batched paged attention over short query runs: decodes and speculative (chain or tree) verification.
 
 Every sequence in the group has a few new tokens (Q at most); their queries are padded to Q per sequence
-and attended to the sequences' gathered K/V with grouped matmuls: one gather, two matmuls and one softmax
-per layer for the whole group, no loop over sequences. Which K/V positions a query sees is one additive
+and attended to the sequences' gathered K/V in one SDPA call: one gather and one fused attention per layer
+for the whole group, no loop over sequences. Which K/V positions a query sees is one additive
 bias per step (`BatchPlan.bias`), built once and shared by every layer: the sequence's cached context,
 plus its new tokens as the step's tree mask allows (causal without one), within the sliding window.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 
 def is_head_major(kv_cache: torch.Tensor) -> bool:
@@ -116,21 +117,38 @@ def _bias(q_lens, s_lens, starts, nq, span, tree_mask, window, dtype) -> torch.T
 
 
 def attend_batch(q: torch.Tensor, kv_cache: torch.Tensor, plan: BatchPlan, scale: float,
-                 softcap: float | None, kv_scale: torch.Tensor | None) -> torch.Tensor:
+                 softcap: float | None, kv_scale: torch.Tensor | None, *, fused: bool = True) -> torch.Tensor:
     """q [T, Hq, D] (the step's flat queries) -> [B * Q, Hq, D], one row per query slot of the plan.
 
-    Grouped matmuls rather than SDPA: CPU SDPA's flash kernel is slow for short queries, and grouping the
-    Hq / Hk query heads of a KV head needs no K/V expand.
+    One SDPA call over the gathered K/V (GQA without a K/V expand, the plan's bias as its additive mask): on
+    CPU it is one fused kernel, about half the time of the matmul / softmax / matmul chain in bf16 at decode
+    sizes (`ember bench attention`). Soft-capped scores (Gemma 2) need the explicit chain (`fused=False`: the
+    chain for any call, the benchmark's baseline).
     """
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = kv_cache.shape[3]
-    g = num_heads // num_kv_heads
     num_seqs, nq = plan.block_tables.shape[0], plan.num_queries
     qb = q if plan.query_index is None else q.index_select(0, plan.query_index)  # [B * Q, Hq, D]
     kv = gather_kv(kv_cache, plan.block_tables)  # [2, Hk, B, S, D]
     if plan.bias is None:
         kv = kv[..., :plan.max_len, :]  # a view: every sequence is exactly max_len long
     kv = dequant_kv(kv, kv_scale, q.dtype)
+    if softcap is None and fused:
+        qs = qb.view(num_seqs, nq, num_heads, head_dim).transpose(1, 2)  # [B, Hq, Q, D]
+        mask = None if plan.bias is None else plan.bias[0].transpose(1, 2)  # [B, 1, Q, S]
+        out = F.scaled_dot_product_attention(qs, kv[0].transpose(0, 1), kv[1].transpose(0, 1), attn_mask=mask,
+                                             scale=scale, enable_gqa=num_heads != num_kv_heads)  # [B, Hq, Q, D]
+        return out.transpose(1, 2).reshape(num_seqs * nq, num_heads, head_dim)
+    return _attend_matmuls(qb, kv, plan, scale, softcap, num_seqs, nq)
+
+
+def _attend_matmuls(qb, kv, plan: BatchPlan, scale: float, softcap: float | None, num_seqs: int,
+                    nq: int) -> torch.Tensor:
+    """Attention as grouped matmuls, optionally soft-capped (the Hq / Hk query heads of a KV head together, no K/V
+    expand). qb [B * Q, Hq, D], kv [2, Hk, B, S, D] -> [B * Q, Hq, D]."""
+    num_heads, head_dim = qb.shape[1], qb.shape[2]
+    num_kv_heads = kv.shape[1]
+    g = num_heads // num_kv_heads
     if nq == 1:
         qg = qb.view(num_seqs, num_kv_heads, g, head_dim).transpose(0, 1)  # [Hk, B, G, D]
     else:
