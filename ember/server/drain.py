@@ -10,7 +10,8 @@ are stopped through `LiveStreams`: each engine request is aborted and its handle
 `ServerShutdownError` (503 `server_shutdown`), which a stream sends as its last SSE event before `[DONE]`
 (the Responses API as its `error` event) and a non-streaming request returns as its JSON body. Then
 uvicorn's shutdown runs, with DRAIN_GRACE_S for those last events to go out; only a request stuck beyond
-that (a client that stopped reading) is cancelled. The process then exits with status 0."""
+that (a client that stopped reading, a request outside the engine) is cancelled, which DrainingMiddleware
+reports in one log line (and a 503 if nothing was sent yet). The process then exits with status 0."""
 
 from __future__ import annotations
 

@@ -5,6 +5,7 @@ client-disconnect signals pass through untouched."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -75,17 +76,38 @@ class ApiKeyMiddleware:
 
 
 class DrainingMiddleware:
-    """After SIGTERM, new requests get 503 while in-flight ones finish."""
+    """After SIGTERM, new requests get 503 while in-flight ones finish. What uvicorn still cancels at the very
+    end (drain.DRAIN_GRACE_S after the drain time: a client that stopped reading, a request outside the engine)
+    ends with one log line and, if nothing was sent yet, a 503 in OpenAI's shape, not a traceback."""
 
     def __init__(self, app, is_draining: Callable[[], bool]):
         self.app = app
         self.is_draining = is_draining
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"] not in DRAIN_EXEMPT_PATHS and self.is_draining():
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if scope["path"] not in DRAIN_EXEMPT_PATHS and self.is_draining():
             body = error_body("The server is shutting down and accepts no new requests.", "service_unavailable", None, "server_draining")
             return await send_json(send, 503, body, [(b"connection", b"close")])
-        await self.app(scope, receive, send)
+        started = False
+
+        async def tracking_send(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except asyncio.CancelledError:
+            if not self.is_draining():
+                raise
+            logger.warning("%s %s was still running at the end of the shutdown; its connection is closed",
+                           scope.get("method"), scope.get("path"))
+            if not started:
+                body = error_body("The server shut down before this request finished.", "service_unavailable", None, "server_shutdown")
+                await send_json(send, 503, body, [(b"connection", b"close")])
 
 
 class BodyLimitMiddleware:

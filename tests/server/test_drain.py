@@ -5,13 +5,17 @@ engine requests are aborted, and new requests during the drain get 503 while the
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import signal
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
 import pytest
+from starlette.responses import StreamingResponse
 
 from server_support import live_server, make_cfg, parse_sse
 from ember.server.app import create_app
@@ -71,3 +75,43 @@ def test_requests_left_at_the_end_of_the_drain_get_an_error(tokenizer):
     _assert_shutdown_error(resp_events[-1][1]["error"])
     assert len(engine.calls) == 5 and sorted(engine.aborted) == sorted(c.request_id for c in engine.calls)
     assert engine.shut_down
+
+
+@pytest.mark.parametrize("is_streamed", [False, True])
+def test_what_uvicorn_cancels_at_the_very_end_is_logged_without_a_traceback(tokenizer, caplog, is_streamed):
+    """A request outside the engine (or a stream whose client stopped reading) is past the drain's reach: uvicorn
+    cancels it; it gets a 503 if nothing was sent yet, else its connection is closed; one log line either way."""
+    app = create_app(FakeEngine(tokenizer), make_cfg(drain_timeout_s=0.1))
+    entered = threading.Event()
+
+    async def forever():
+        entered.set()
+        await asyncio.Event().wait()
+        yield b""
+
+    @app.get("/v1/hang")
+    async def hang():
+        if is_streamed:
+            return StreamingResponse(forever(), media_type="text/event-stream")
+        await anext(forever())
+
+    uvicorn_log = logging.getLogger("uvicorn.error")  # does not propagate to the root; set up by build_server
+    try:
+        with live_server(app) as server, ThreadPoolExecutor(1) as pool:
+            uvicorn_log.addHandler(caplog.handler)
+            server.server.config.timeout_graceful_shutdown = 0.1  # uvicorn cancels it 0.1 s after the drain time
+            pending = pool.submit(httpx.get, f"{server.url}/v1/hang", timeout=EVENT_TIMEOUT)
+            assert entered.wait(EVENT_TIMEOUT)
+            server.server.handle_exit(signal.SIGTERM, None)
+            if is_streamed:
+                with pytest.raises(httpx.RemoteProtocolError):  # the headers went out: only closing is left
+                    pending.result()
+            else:
+                r = pending.result()
+                assert r.status_code == 503 and r.json()["error"]["code"] == "server_shutdown"
+            server.thread.join(EVENT_TIMEOUT)
+            assert not server.thread.is_alive()
+    finally:
+        uvicorn_log.removeHandler(caplog.handler)
+    assert "GET /v1/hang was still running at the end of the shutdown" in caplog.text
+    assert "Traceback" not in caplog.text and "Exception in ASGI application" not in caplog.text
