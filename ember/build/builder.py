@@ -211,6 +211,7 @@ def build_engine(cfg, output_dir: str | Path, *, int4_group_size: int = 128, num
             "tokenizer": {"files": tokenizer_files, "eos_token_ids": list(ckpt.eos_token_ids),
                           "bos_token_id": ckpt.bos_token_id},
             "chat_template": ckpt.chat_template,
+            "sampling_defaults": dict(ckpt.sampling_defaults),
             "build": {"source": {"path": str(source), "format": ckpt.format}, "config": cfg.normalized_dict(),
                       "versions": _versions(), "host": {"machine": platform.machine(), "device": str(device)},
                       "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")},

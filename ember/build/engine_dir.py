@@ -150,5 +150,6 @@ def load_engine(path: str | Path) -> EngineCheckpoint:
         eos_token_ids=list(tok.get("eos_token_ids", [])),
         bos_token_id=tok.get("bos_token_id"),
         max_position_embeddings=manifest.get("max_position_embeddings"),
+        sampling_defaults=dict(manifest.get("sampling_defaults") or {}),
         manifest=manifest,
     )

@@ -18,6 +18,7 @@ import torch
 from ember.checkpoint.gguf_meta import gguf_eos_token_ids, gguf_hf_config, gguf_tokenizer
 from ember.checkpoint.gguf_reader import GGUFFile, read_gguf
 from ember.checkpoint.gguf_weights import gguf_architecture, iter_gguf_weights
+from ember.checkpoint.sampling_defaults import from_gguf_metadata, from_generation_config
 
 if TYPE_CHECKING:
     from ember.checkpoint.gguf_grid import Int4Grid
@@ -40,6 +41,8 @@ class Checkpoint:
     bos_token_id: int | None
     max_position_embeddings: int | None
     _gguf: GGUFFile | None = field(default=None, repr=False)  # the parsed header, GGUF only
+    # the publisher's sampling defaults (ember.checkpoint.sampling_defaults): temperature, top_p, ... when given
+    sampling_defaults: dict = field(default_factory=dict)
 
     def iter_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield (hf_name, tensor) one at a time: safetensors in their stored dtype, GGUF as float32."""
@@ -96,6 +99,7 @@ def _load_gguf(path: Path) -> Checkpoint:
         bos_token_id=int(bos) if bos is not None else None,
         max_position_embeddings=getattr(hf_config, "max_position_embeddings", None),
         _gguf=gguf,
+        sampling_defaults=from_gguf_metadata(gguf.metadata),
     )
 
 
@@ -134,6 +138,7 @@ def _load_dir(path: Path) -> Checkpoint:
         eos_token_ids=eos_ids,
         bos_token_id=bos,
         max_position_embeddings=getattr(hf_config, "max_position_embeddings", None),
+        sampling_defaults=from_generation_config(generation),
     )
 
 

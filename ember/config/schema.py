@@ -355,6 +355,17 @@ class FaultInjection(_Section):
     checkpoint_repository: CheckpointRepository  # what that rank loads instead of trt_llm.build's
 
 
+class SamplingDefaults(_Section):
+    """Defaults for the sampling fields a request leaves out (or sends as null), over the checkpoint's own
+    (generation_config.json / GGUF general.sampling.*); unset fields keep the checkpoint's, then OpenAI's."""
+
+    temperature: Optional[Annotated[float, Field(ge=0.0, le=2.0)]] = None
+    top_p: Optional[Annotated[float, Field(ge=0.0, le=1.0)]] = None
+    top_k: Optional[Annotated[int, Field(strict=True, ge=-1)]] = None  # -1: off
+    min_p: Optional[Annotated[float, Field(ge=0.0, le=1.0)]] = None
+    repetition_penalty: Optional[Annotated[float, Field(gt=0.0, le=10.0)]] = None
+
+
 class EmberSection(_Section):
     """ember's own settings, under the top-level `ember:` key."""
 
@@ -385,6 +396,7 @@ class EmberSection(_Section):
     strict_model_name: Bool = False  # True: a request `model` that is neither the served name nor an adapter is a 404 (vLLM);
     # False: any other name serves the base model (Baseten routes by URL; its docs say `model` "can be any string")
     limits: LimitsConfig = LimitsConfig()
+    sampling_defaults: Optional[SamplingDefaults] = None  # see SamplingDefaults
     # Encoders (base_model encoder | encoder_bert) when the checkpoint has no sentence-transformers files:
     pooling: Optional[Literal["cls", "mean", "last", "max"]] = None  # None: modules.json, else cls (BERT) / last (causal)
     normalize: Optional[Bool] = None  # L2-normalize embeddings; None: modules.json's Normalize, else true

@@ -48,7 +48,8 @@ class EngineCore:
         return EngineInfo(max_model_len=self.setup.max_model_len, vocab_size=self.runner.vocab_size,
                           eos_token_ids=list(self.setup.eos_token_ids),
                           lora_names=manager.names if manager is not None else [], has_lora=manager is not None,
-                          chat_template=self.setup.chat_template)
+                          chat_template=self.setup.chat_template,
+                          sampling_defaults=dict(getattr(self.setup.checkpoint, "sampling_defaults", {}) or {}))
 
     # ---- requests -------------------------------------------------------------------------------
     def add_request(self, req: EngineCoreRequest) -> None:

@@ -7,6 +7,7 @@ import itertools
 
 from tqdm import tqdm
 
+from ember.checkpoint.sampling_defaults import merge as merge_sampling_defaults
 from ember.engine.llm_engine import LLMEngine
 from ember.outputs import RequestOutput
 from ember.sampling_params import SamplingParams
@@ -43,10 +44,12 @@ class LLM:
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = False, lora_name: str | list[str | None] | None = None) -> list[RequestOutput]:
-        """lora_name: the LoRA adapter for every prompt, or one per prompt (None: the base model)."""
+        """lora_name: the LoRA adapter for every prompt, or one per prompt (None: the base model).
+        sampling_params None: the model's sampling defaults (its generation_config.json under ember.sampling_defaults)."""
         prompts = _as_prompt_list(prompts)
         if sampling_params is None:
-            sampling_params = SamplingParams()
+            sampling_params = SamplingParams(**merge_sampling_defaults(self.engine.setup.checkpoint.sampling_defaults,
+                                                                       self.config.ember.sampling_defaults))
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")

@@ -180,8 +180,19 @@ def resolve_max_tokens(req, num_prompt_tokens: int, max_model_len: int, s: Serve
 
 
 def sampling_params(req, max_tokens: int, logprobs: int | None, structured=None,
-                    prompt_logprobs: int | None = None) -> SamplingParams:
-    """prompt_logprobs: what the route needs beyond the request's own `prompt_logprobs` (echo with logprobs)."""
+                    prompt_logprobs: int | None = None, defaults: dict | None = None) -> SamplingParams:
+    """prompt_logprobs: what the route needs beyond the request's own `prompt_logprobs` (echo with logprobs).
+    defaults: the model's sampling defaults (AsyncLLM.sampling_defaults) for the fields the request left out or
+    sent as null; past them, OpenAI's (temperature 1, top_p 1) and no top-k / min-p / repetition penalty."""
+    sent = req.model_fields_set
+    defaults = defaults or {}
+
+    def pick(name: str, openai_default):
+        value = getattr(req, name)
+        if name in sent and value is not None:
+            return value
+        return defaults.get(name, openai_default if value is None else value)
+
     asked = [k for k in (prompt_logprobs, req.prompt_logprobs) if k is not None]
     prompt_logprobs = max(asked) if asked else None
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
@@ -190,13 +201,13 @@ def sampling_params(req, max_tokens: int, logprobs: int | None, structured=None,
             n=req.n,
             max_tokens=max_tokens,
             min_tokens=req.min_tokens,
-            temperature=1.0 if req.temperature is None else req.temperature,
-            top_p=1.0 if req.top_p is None else req.top_p,
-            top_k=req.top_k,
-            min_p=req.min_p,
+            temperature=pick("temperature", 1.0),
+            top_p=pick("top_p", 1.0),
+            top_k=pick("top_k", -1),
+            min_p=pick("min_p", 0.0),
             presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty,
-            repetition_penalty=req.repetition_penalty,
+            repetition_penalty=pick("repetition_penalty", 1.0),
             seed=req.seed,
             stop=stop,
             stop_token_ids=list(req.stop_token_ids or []),

@@ -44,6 +44,11 @@ class ServerState:
     def max_model_len(self) -> int:
         return int(self.engine.max_model_len)
 
+    @property
+    def sampling_defaults(self) -> dict:
+        """The model's defaults for sampling fields a request leaves out (AsyncLLM.sampling_defaults)."""
+        return getattr(self.engine, "sampling_defaults", None) or {}
+
 
 async def parse_body(model_cls: type[BaseModel], request: Request) -> BaseModel:
     """Parse a JSON body into `model_cls`; malformed JSON and bad fields raise pydantic's

@@ -72,7 +72,7 @@ async def create_chat_completion(state: ServerState, request: Request):
     check_prompt(prompt_ids, settings, state.max_model_len, None, "messages")
     max_tokens = resolve_max_tokens(req, len(prompt_ids), state.max_model_len, settings)
     num_logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    params = sampling_params(req, max_tokens, num_logprobs, meta.spec)
+    params = sampling_params(req, max_tokens, num_logprobs, meta.spec, defaults=state.sampling_defaults)
 
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     model = lora or engine.served_model_name  # the served name, whatever `model` said

@@ -83,7 +83,8 @@ async def create_completion(state: ServerState, request: Request):
     for i, (_, ids) in enumerate(prompts):
         # max_tokens=0 (echo only): one token is generated and dropped, so the prefill runs and finishes as usual
         max_tokens = max(1, resolve_max_tokens(req, len(ids), state.max_model_len, settings))
-        jobs.append(Job(f"{request_id}-{i}", ids, sampling_params(req, max_tokens, num_logprobs, spec, prompt_logprobs), lora))
+        jobs.append(Job(f"{request_id}-{i}", ids, sampling_params(req, max_tokens, num_logprobs, spec, prompt_logprobs,
+                                                                 defaults=state.sampling_defaults), lora))
     if req.echo:  # token-id prompts are echoed as their decoded text
         prompts = [(text if text is not None else state.tokenizer.decode(ids), ids) for text, ids in prompts]
     model = lora or engine.served_model_name  # the served name, whatever `model` said
