@@ -91,6 +91,9 @@ class Int4CPUKernel:
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, in] (any float dtype) -> [T, out] in x's dtype. Inside a compiled forward this is one opaque
         op, so the graph stays dynamic in T (the choice of kernel by T happens when it runs)."""
+        if x.dtype == self.scale_zero.dtype and x.shape[0] <= MAX_GEMV_ROWS and x.is_contiguous() \
+                and not torch.compiler.is_compiling():  # the decode path, with nothing to convert
+            return torch._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scale_zero)
         x2 = x.to(self.scale_zero.dtype).contiguous()
         if torch.compiler.is_compiling():
             y = torch.ops.ember.int4_matmul(x2, self.packed, self.scale_zero, self.group_size, self.codes)
