@@ -38,6 +38,7 @@ from ember.server.metrics import CONTENT_TYPE, ServerMetrics
 from ember.server.playground import add_playground_routes
 from ember.server.middleware import ApiKeyMiddleware, BodyLimitMiddleware, CatchAllMiddleware, DrainingMiddleware
 from ember.server.protocol import DetokenizeRequest, DetokenizeResponse, ModelCard, ModelList, TokenizeRequest, TokenizeResponse
+from ember.server.openapi import install_openapi
 from ember.server.serving import ServerState, dump, encode, parse_body
 from ember.server.serving_chat import create_chat_completion
 from ember.server.serving_completion import create_completion
@@ -77,6 +78,7 @@ def create_app(engine, cfg=None) -> FastAPI:
     add_responses_routes(app, state, _guard)  # OpenAI's Responses API over the chat path
     add_encoder_routes(app, state, _guard, getattr(getattr(getattr(cfg, "trt_llm", None), "runtime", None), "webserver_default_route", None))
     add_playground_routes(app)  # the chat page at /
+    install_openapi(app)  # /openapi.json with every route's request and response models
     # added innermost first: CatchAll -> ApiKey -> Draining -> BodyLimit -> routes
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(DrainingMiddleware, is_draining=lambda: state.is_draining)

@@ -288,3 +288,16 @@ class TokenizeResponse(_Response):
 
 class DetokenizeResponse(_Response):
     prompt: str
+
+
+class ErrorDetail(_Response):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(_Response):
+    """Every error body, OpenAI's shape (ember.server.errors.error_body)."""
+
+    error: ErrorDetail
