@@ -8,6 +8,7 @@ Exit codes: 0 ok, 1 runtime failure, 2 invalid config or usage.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -67,6 +68,8 @@ def _built(cfg):
 
 
 def cmd_serve(args) -> int:
+    # the server's own lines (start-up, drain, engine death) at INFO on stderr, as the engine core's process has them
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     cfg = _config(args.config, host=args.host, port=args.port, api_key=api_key,
                   engine_cache_dir=_engine_cache_dir(args))
