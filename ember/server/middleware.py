@@ -27,6 +27,19 @@ async def send_json(send, status: int, body: dict, headers: list[tuple[bytes, by
     await send({"type": "http.response.body", "body": payload, "more_body": False})
 
 
+class _TrackedSend:
+    """An ASGI `send` that remembers whether the response has started (headers sent: no error body can follow)."""
+
+    def __init__(self, send):
+        self.send = send
+        self.started = False
+
+    async def __call__(self, message):
+        if message["type"] == "http.response.start":
+            self.started = True
+        await self.send(message)
+
+
 class CatchAllMiddleware:
     """Last line of defence: an unexpected exception becomes a 500 in OpenAI shape, no traceback."""
 
@@ -36,19 +49,12 @@ class CatchAllMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        started = False
-
-        async def tracking_send(message):
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
+        tracked = _TrackedSend(send)
         try:
-            await self.app(scope, receive, tracking_send)
+            await self.app(scope, receive, tracked)
         except Exception:  # noqa: BLE001 - the whole point
             logger.exception("unhandled error in %s %s", scope.get("method"), scope.get("path"))
-            if not started:
+            if not tracked.started:
                 body = error_body("The server had an error while processing your request.", "internal_error", None, "internal_error")
                 await send_json(send, 500, body)
 
@@ -90,22 +96,15 @@ class DrainingMiddleware:
         if scope["path"] not in DRAIN_EXEMPT_PATHS and self.is_draining():
             body = error_body("The server is shutting down and accepts no new requests.", "service_unavailable", None, "server_draining")
             return await send_json(send, 503, body, [(b"connection", b"close")])
-        started = False
-
-        async def tracking_send(message):
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
+        tracked = _TrackedSend(send)
         try:
-            await self.app(scope, receive, tracking_send)
+            await self.app(scope, receive, tracked)
         except asyncio.CancelledError:
             if not self.is_draining():
                 raise
             logger.warning("%s %s was still running at the end of the shutdown; its connection is closed",
                            scope.get("method"), scope.get("path"))
-            if not started:
+            if not tracked.started:
                 body = error_body("The server shut down before this request finished.", "service_unavailable", None, "server_shutdown")
                 await send_json(send, 503, body, [(b"connection", b"close")])
 
