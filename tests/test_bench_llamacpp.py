@@ -69,6 +69,13 @@ def test_script_runs_greedy_prompts_and_reports_phases(fake_llama, tmp_path):
     assert {tuple(c["sample"]) for c in calls if "sample" in c} == {(0.0, 1)}  # greedy only
 
 
+def test_repeats_run_every_prompt_again(fake_llama, tmp_path):
+    res = lb.run_llamacpp(tmp_path / "m.gguf", [[3, 4, 5], [7, 8]], 4, None, 2, repeats=3)
+    assert res["token_ids"] == [[6, 7, 8, 9], [9, 10, 11, 12]]
+    samples = [c for c in fake_llama() if "sample" in c]
+    assert len(samples) == 4 + 3 * 2 * 4  # the 4-token warm-up, then three passes over both prompts
+
+
 def test_crash_in_extra_buffers_retries_on_plain_ones(fake_llama, tmp_path, monkeypatch):
     monkeypatch.setenv("FAKE_LLAMA_CRASH", "1")
     res = lb.run_llamacpp(tmp_path / "m.gguf", [[1, 2]], 3, None, 2)

@@ -48,13 +48,17 @@ def main():
         return t1 - t0, time.perf_counter() - t1, tokens
 
     run(spec["prompts"][0][:8], 4)  # warm-up
-    prefill_s = decode_s = 0.0
-    token_ids = []
-    for prompt in spec["prompts"]:
-        p, d, toks = run(prompt, spec["output_len"])
-        prefill_s, decode_s = prefill_s + p, decode_s + d
-        token_ids.append(toks)
-    print("EMBER_RESULT " + json.dumps({"prefill_s": prefill_s, "decode_s": decode_s, "token_ids": token_ids,
+    best = None
+    for _ in range(spec.get("repeats", 1)):  # the fastest pass over all prompts, as ember's side keeps
+        prefill_s = decode_s = 0.0
+        token_ids = []
+        for prompt in spec["prompts"]:
+            p, d, toks = run(prompt, spec["output_len"])
+            prefill_s, decode_s = prefill_s + p, decode_s + d
+            token_ids.append(toks)
+        if best is None or prefill_s + decode_s < best[0] + best[1]:
+            best = (prefill_s, decode_s, token_ids)
+    print("EMBER_RESULT " + json.dumps({"prefill_s": best[0], "decode_s": best[1], "token_ids": best[2],
                                         "use_extra_bufts": spec["use_extra_bufts"]}), flush=True)
 
 
@@ -97,11 +101,13 @@ def parse_result(stdout: str, stderr: str, returncode: int) -> dict:
 
 
 def run_llamacpp(gguf: Path, prompts: list[list[int]], output_len: int, python: str | None,
-                 num_threads: int) -> dict:
+                 num_threads: int, repeats: int = 1) -> dict:
     """Run the prompts through llama-cpp-python in `python` (default: this interpreter). llama.cpp's extra
     weight buffers (AMX, repacked layouts) are tried first; where they crash it (SIGSEGV in its AMX matmul on
-    some virtual machines) the run is repeated with the plain CPU buffers, and the result says which ran."""
+    some virtual machines) the run is repeated with the plain CPU buffers, and the result says which ran.
+    `repeats`: passes over the prompts; the fastest is reported."""
     spec = {"model": str(gguf), "prompts": prompts, "output_len": output_len, "n_threads": num_threads,
+            "repeats": repeats,
             "n_ctx": max(len(p) for p in prompts) + output_len + 16, "n_batch": max(512, max(len(p) for p in prompts))}
     with tempfile.TemporaryDirectory(prefix="ember-llamacpp-") as tmp:
         script = Path(tmp) / "run_llamacpp.py"
