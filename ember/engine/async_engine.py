@@ -16,7 +16,6 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
-from ember.checkpoint.sampling_defaults import merge as merge_sampling_defaults
 from ember.engine.core_client import ProcessCoreClient, ThreadCoreClient
 from ember.engine.messages import EngineCoreOutputs, EngineStats, ErrorInfo
 from ember.engine.output_processor import OutputProcessor
@@ -69,8 +68,7 @@ class AsyncLLM:
         self.engine = engine
         info = self.client.info
         self.chat_template = info.chat_template
-        # for the sampling fields a request leaves out: the checkpoint's defaults under the config's
-        self.sampling_defaults = merge_sampling_defaults(info.sampling_defaults, self.cfg.ember.sampling_defaults)
+        self.sampling_defaults = info.sampling_defaults  # for the sampling fields a request leaves out
         self.max_model_len = info.max_model_len
         self.served_model_name = self.cfg.served_model_id
         self.max_queue_size = self.cfg.ember.max_queue_size

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 
+from ember.checkpoint.sampling_defaults import merge as merge_sampling_defaults
 from ember.core.request import Request, RequestStatus
 from ember.engine.messages import EngineCoreOutput, EngineCoreRequest, EngineInfo, EngineStats
 from ember.engine.setup import EngineSetup, build_engine_setup
@@ -49,7 +50,8 @@ class EngineCore:
                           eos_token_ids=list(self.setup.eos_token_ids),
                           lora_names=manager.names if manager is not None else [], has_lora=manager is not None,
                           chat_template=self.setup.chat_template,
-                          sampling_defaults=dict(getattr(self.setup.checkpoint, "sampling_defaults", {}) or {}))
+                          sampling_defaults=merge_sampling_defaults(self.setup.checkpoint.sampling_defaults,
+                                                                    self.cfg.ember.sampling_defaults))
 
     # ---- requests -------------------------------------------------------------------------------
     def add_request(self, req: EngineCoreRequest) -> None:

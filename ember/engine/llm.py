@@ -7,7 +7,6 @@ import itertools
 
 from tqdm import tqdm
 
-from ember.checkpoint.sampling_defaults import merge as merge_sampling_defaults
 from ember.engine.llm_engine import LLMEngine
 from ember.outputs import RequestOutput
 from ember.sampling_params import SamplingParams
@@ -48,8 +47,7 @@ class LLM:
         sampling_params None: the model's sampling defaults (its generation_config.json under ember.sampling_defaults)."""
         prompts = _as_prompt_list(prompts)
         if sampling_params is None:
-            sampling_params = SamplingParams(**merge_sampling_defaults(self.engine.setup.checkpoint.sampling_defaults,
-                                                                       self.config.ember.sampling_defaults))
+            sampling_params = SamplingParams(**self.engine.core.info().sampling_defaults)
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")

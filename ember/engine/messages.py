@@ -84,7 +84,7 @@ class EngineInfo:
     lora_names: list[str]
     has_lora: bool  # adapters are served (so run-time loading is possible)
     chat_template: str | None = None
-    sampling_defaults: dict = field(default_factory=dict)  # the checkpoint's (ember.checkpoint.sampling_defaults)
+    sampling_defaults: dict = field(default_factory=dict)  # the checkpoint's under ember.sampling_defaults
 
 
 @dataclass

@@ -184,14 +184,11 @@ def sampling_params(req, max_tokens: int, logprobs: int | None, structured=None,
     """prompt_logprobs: what the route needs beyond the request's own `prompt_logprobs` (echo with logprobs).
     defaults: the model's sampling defaults (AsyncLLM.sampling_defaults) for the fields the request left out or
     sent as null; past them, OpenAI's (temperature 1, top_p 1) and no top-k / min-p / repetition penalty."""
-    sent = req.model_fields_set
+    sent = req.model_fields_set  # an explicit null never lands here: the request models drop null keys first
     defaults = defaults or {}
 
     def pick(name: str, openai_default):
-        value = getattr(req, name)
-        if name in sent and value is not None:
-            return value
-        return defaults.get(name, openai_default if value is None else value)
+        return getattr(req, name) if name in sent else defaults.get(name, openai_default)
 
     asked = [k for k in (prompt_logprobs, req.prompt_logprobs) if k is not None]
     prompt_logprobs = max(asked) if asked else None

@@ -10,7 +10,7 @@ only with `ember.lora_runtime_dir`). Documentation only: nothing here validates 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
@@ -38,7 +38,7 @@ class RouteDoc:
     stream: type[BaseModel] | None = None  # the model of each SSE `data:` event when the body asks for a stream
     ok_media: str = "application/json"
     errors: tuple[str, ...] = PLAIN_ERRORS
-    extra_models: tuple[type[BaseModel], ...] = field(default=())
+    extra_models: tuple[type[BaseModel], ...] = ()  # models only its `ok` schema references
 
 
 def ref(model: type[BaseModel]) -> dict:
