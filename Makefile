@@ -20,6 +20,8 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/ember pull
 	# ember.compile (torch.compile's Inductor) compiles C++ kernels at run time: install a compiler if none is here
 	command -v g++ >/dev/null 2>&1 || (command -v apt-get >/dev/null 2>&1 && apt-get install -y --no-install-recommends g++) || echo "no g++: ember.compile will fall back to the eager forward"
+	# ember's C++ CPU kernels (ember/csrc: int4 VNNI matmul, decode attention): built once here, not at first serve
+	$(PY) -m ember.layers.cpu_kernels || echo "ember CPU kernels not built: torch paths will be used"
 	# the playground test drives a real headless Chromium (Playwright with the system browser): Debian's package
 	command -v chromium >/dev/null 2>&1 || (command -v apt-get >/dev/null 2>&1 && apt-get update -qq && apt-get install -y --no-install-recommends chromium) || echo "no chromium: the playground browser test will be skipped"
 	touch $(STAMP)

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ember.layers import cpu_kernels
+
 
 def is_head_major(kv_cache: torch.Tensor) -> bool:
     """True when the cache's memory is laid out head-major, `[2, Hk, num_blocks, block_size, D]` (the CPU
@@ -51,6 +53,8 @@ class BatchPlan:
     out_slots: torch.Tensor | None  # [N] int64 slots holding real tokens; None: every slot, in flat-token order
     out_tokens: torch.Tensor | None  # [N] int64 the flat tokens those slots answer
     bias: torch.Tensor | None  # [1, B, Q, 1, S] additive mask (0 / -inf); None: every position up to max_len
+    seq_lens: torch.Tensor | None = None  # [B] int32 KV length of each sequence (the C++ decode kernel reads it)
+    window: int | None = None  # sliding window, as the bias applies it
 
 
 def plan_batch(seq_ids: list[int], starts: list[int], query_lens: list[int], seq_lens: list[int],
@@ -71,8 +75,9 @@ def plan_batch(seq_ids: list[int], starts: list[int], query_lens: list[int], seq
     else:
         bias = _bias(q_lens, s_lens, [starts[i] for i in seq_ids], nq, nblk * block_size, tree_mask, window, dtype)
         bias = bias.to(device)
+    lens = torch.tensor(s_lens, dtype=torch.int32, device=device)
     if is_identity:
-        return BatchPlan(bt, max_len, 1, None, None, None, bias)
+        return BatchPlan(bt, max_len, 1, None, None, None, bias, lens, window)
     slot_tok, out_slots, out_tokens = [], [], []
     for b, (i, n) in enumerate(zip(seq_ids, q_lens)):
         s = starts[i]
@@ -84,7 +89,7 @@ def plan_batch(seq_ids: list[int], starts: list[int], query_lens: list[int], seq
     def idx(x):
         return torch.tensor(x, dtype=torch.int64, device=device)
 
-    return BatchPlan(bt, max_len, nq, idx(slot_tok), idx(out_slots), idx(out_tokens), bias)
+    return BatchPlan(bt, max_len, nq, idx(slot_tok), idx(out_slots), idx(out_tokens), bias, lens, window)
 
 
 def _bias(q_lens, s_lens, starts, nq, span, tree_mask, window, dtype) -> torch.Tensor:
@@ -120,15 +125,19 @@ def attend_batch(q: torch.Tensor, kv_cache: torch.Tensor, plan: BatchPlan, scale
                  softcap: float | None, kv_scale: torch.Tensor | None, *, fused: bool = True) -> torch.Tensor:
     """q [T, Hq, D] (the step's flat queries) -> [B * Q, Hq, D], one row per query slot of the plan.
 
-    One SDPA call over the gathered K/V (GQA without a K/V expand, the plan's bias as its additive mask): on
-    CPU it is one fused kernel, about half the time of the matmul / softmax / matmul chain in bf16 at decode
-    sizes (`ember bench attention`). Soft-capped scores (Gemma 2) need the explicit chain (`fused=False`: the
-    chain for any call, the benchmark's baseline).
+    One query per sequence (decodes) on a CPU with ember's kernels: `ember_cpu::decode_attention`, straight
+    from the paged cache (ember/csrc/attention_cpu.cpp). Otherwise one SDPA call over the gathered K/V (GQA
+    without a K/V expand, the plan's bias as its additive mask): on CPU one fused kernel, about half the time
+    of the matmul / softmax / matmul chain in bf16 at decode sizes (`ember bench attention`). Soft-capped
+    scores (Gemma 2) need the explicit chain (`fused=False`: the chain for any call, the benchmark's baseline).
     """
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = kv_cache.shape[3]
     num_seqs, nq = plan.block_tables.shape[0], plan.num_queries
     qb = q if plan.query_index is None else q.index_select(0, plan.query_index)  # [B * Q, Hq, D]
+    if nq == 1 and fused and softcap is None and kv_scale is None and _has_decode_kernel(qb, kv_cache, plan):
+        return torch.ops.ember_cpu.decode_attention(qb.contiguous(), kv_cache, plan.block_tables, plan.seq_lens,
+                                                    scale, plan.window or 0)
     kv = gather_kv(kv_cache, plan.block_tables)  # [2, Hk, B, S, D]
     if plan.bias is None:
         kv = kv[..., :plan.max_len, :]  # a view: every sequence is exactly max_len long
@@ -140,6 +149,17 @@ def attend_batch(q: torch.Tensor, kv_cache: torch.Tensor, plan: BatchPlan, scale
                                              scale=scale, enable_gqa=num_heads != num_kv_heads)  # [B, Hq, Q, D]
         return out.transpose(1, 2).reshape(num_seqs * nq, num_heads, head_dim)
     return _attend_matmuls(qb, kv, plan, scale, softcap, num_seqs, nq)
+
+
+def _has_decode_kernel(q: torch.Tensor, kv_cache: torch.Tensor, plan: BatchPlan) -> bool:
+    """Whether `ember_cpu::decode_attention` takes this call (CPU, bf16/fp32, shapes it handles)."""
+    if q.device.type != "cpu" or q.dtype not in (torch.bfloat16, torch.float32) or kv_cache.dtype != q.dtype:
+        return False
+    if q.shape[-1] % 16 or q.shape[-1] > 256 or q.shape[1] // kv_cache.shape[3] > 8 or plan.seq_lens is None:
+        return False
+    if plan.block_tables.dtype != torch.int32 or plan.block_tables.stride(-1) != 1:
+        return False
+    return cpu_kernels.load()
 
 
 def _attend_matmuls(qb, kv, plan: BatchPlan, scale: float, softcap: float | None, num_seqs: int,

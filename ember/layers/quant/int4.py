@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ember.layers.linear import Linear
-from ember.layers.quant import int4_cpu
+from ember.layers.quant import int4_cpu, int4_native
 from ember.layers.quant.base import QuantizedMethod, pack_nibbles, unpack_nibbles
 
 GROUP_SIZES = (32, 64, 128)
@@ -98,9 +98,14 @@ class Int4Method(QuantizedMethod):
 
     def compute_note(self, device):
         if self.is_native(device):
-            return (f"int4 (group {self.group_size}): torch._weight_int4pack_mm_for_cpu (4-bit weights read "
-                    f"directly) up to {int4_cpu.MAX_GEMV_ROWS} rows, larger batches dequantize to the activation "
-                    "dtype and run one GEMM")
+            torch_note = (f"torch._weight_int4pack_mm_for_cpu (4-bit weights read directly) up to "
+                          f"{int4_cpu.MAX_GEMV_ROWS} rows, larger batches dequantize to the activation dtype and "
+                          "run one GEMM")
+            if int4_native.load():
+                return (f"int4 (group {self.group_size}): bf16 layers use ember's VNNI kernel (4-bit codes times "
+                        f"int8-rounded activations) below {int4_native.GEMM_ROWS} rows, dequantize + GEMM from "
+                        f"there; float32 layers {torch_note}")
+            return f"int4 (group {self.group_size}): {torch_note}"
         return super().compute_note(device)
 
     def process_weights_after_loading(self, layer: Linear) -> None:
@@ -108,12 +113,15 @@ class Int4Method(QuantizedMethod):
         if not self.is_native(layer.weight.device):
             return
         codes = unpack_nibbles(layer.weight)  # [out, in] uint8
-        kernel = int4_cpu.Int4CPUKernel.create(codes, layer.weight_scale, layer.weight_min, self.group_size,
-                                               layer.compute_dtype)
+        if int4_native.supports(layer.compute_dtype, *codes.shape, self.group_size):
+            kernel = int4_native.NativeInt4Kernel.create(codes, layer.weight_scale, layer.weight_min, self.group_size)
+        else:
+            kernel = int4_cpu.Int4CPUKernel.create(codes, layer.weight_scale, layer.weight_min, self.group_size,
+                                                   layer.compute_dtype)
         if kernel is None:  # shapes the kernel cannot tile: keep dequantize-and-matmul
             return
         layer.cpu_kernel = kernel
-        # `weight` now holds the kernel's layout (same shape); the grid lives in the kernel's scale_zero
+        # `weight` now holds the kernel's layout (same shape); the grid lives in the kernel
         layer.weight.data = kernel.packed
         for name in ("weight_scale", "weight_min"):
             getattr(layer, name).data = torch.empty(0, dtype=getattr(layer, name).dtype)

@@ -1,0 +1,233 @@
+// int4 matmuls for x86 CPUs with AVX-512 VNNI, BF16 and VBMI (Sapphire Rapids and later, Zen 4 and later).
+//
+// Weights are on GGUF's grid, w = d * q + m with q in 0..15 and one (d, m) per 32 weights along the input
+// dimension (larger groups are stored with their (d, m) repeated). Activations are rounded per row and per
+// 32 values to int8 (xq = round(x / dx), dx = absmax / 127), as llama.cpp rounds them for its Q4 x Q8 dot
+// products, and the 4-bit codes multiply them as they are, with integer dot products (vpdpbusd: 64
+// multiply-adds per instruction, no conversion of the codes to floats):
+//   sum_k w_k x_k  ~=  d * dx * sum_k q_k xq_k  +  m * sum_k x_k            (per 32-weight group)
+// The min term uses the exact float sum of the activations, so only the code term sees the int8 rounding.
+//
+// Layout (`ember.layers.quant.int4_native.pack`): outputs in blocks of 16, one per zmm lane. For a block and a
+// group g, four 64-byte vectors s = 0..3; lane i's 4 bytes hold the codes of output i at k = 32g + 4s + b
+// (b = 0..3) in their low nibbles and at k = 32g + 16 + 4s + b in their high nibbles. One AND and one shift
+// give two vpdpbusd operands, each multiplying a 4-byte broadcast of the activations. Scales and mins are
+// stored [N / 16, G, 16] so a block's 16 come in one load.
+//
+// Each output row's arithmetic is the same whatever the number of rows in the call, so a request's result
+// does not depend on what it is batched with. Many rows (prefill chunks) instead dequantize the weight to
+// bf16 in one pass and run one GEMM (oneDNN's, AMX where the CPU has it).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kBlock = 16;  // outputs per block (zmm lanes)
+constexpr int64_t kGroup = 32;  // weights per (d, m)
+#ifndef EMBER_PREFETCH
+#define EMBER_PREFETCH 2048
+#endif
+constexpr int64_t kPrefetch = EMBER_PREFETCH;  // bytes ahead in a thread's stream of codes
+
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const at::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+
+inline __m512 load16(const at::BFloat16* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+
+// One row of activations -> int8 codes [K], scales dx [G] and exact sums sx [G].
+template <typename X>
+void quantize_row(const X* x, int64_t K, int8_t* xq, float* dx, float* sx) {
+  for (int64_t g = 0; g < K / kGroup; ++g) {
+    const __m512 a = load16(x + g * kGroup), b = load16(x + g * kGroup + 16);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+    sx[g] = _mm512_reduce_add_ps(_mm512_add_ps(a, b));
+    dx[g] = amax / 127.0f;
+    const __m512 inv = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+    const __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, inv)), qb = _mm512_cvtps_epi32(_mm512_mul_ps(b, inv));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + g * kGroup), _mm512_cvtsepi32_epi8(qa));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + g * kGroup + 16), _mm512_cvtsepi32_epi8(qb));
+  }
+}
+
+// One block of 16 outputs x R activation rows.
+template <int R, typename S, typename Y>
+inline void tile(const uint8_t* w, const S* d, const S* m, int64_t groups, const int8_t* xq, const float* dx,
+                 const float* sx, int64_t K, Y* out, int64_t ldo) {
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512i lo[4], hi[4];
+    for (int s = 0; s < 4; ++s) {
+      // software prefetch ahead of the stream: each call reads a few hundred KB, too little for the hardware
+      // prefetchers to ramp up (they also stop at every 4 KB page)
+      _mm_prefetch(reinterpret_cast<const char*>(w + (g * 4 + s) * 64 + kPrefetch), _MM_HINT_T0);
+      const __m512i p = _mm512_loadu_si512(w + (g * 4 + s) * 64);
+      lo[s] = _mm512_and_si512(p, low4);
+      hi[s] = _mm512_and_si512(_mm512_srli_epi16(p, 4), low4);
+    }
+    const __m512 dg = load16(d + g * kBlock), mg = load16(m + g * kBlock);
+    for (int r = 0; r < R; ++r) {
+      const int32_t* xr = reinterpret_cast<const int32_t*>(xq + r * K + g * kGroup);
+      __m512i qa = _mm512_setzero_si512(), qb = _mm512_setzero_si512();
+      for (int s = 0; s < 4; ++s) {
+        qa = _mm512_dpbusd_epi32(qa, lo[s], _mm512_set1_epi32(xr[s]));
+        qb = _mm512_dpbusd_epi32(qb, hi[s], _mm512_set1_epi32(xr[4 + s]));
+      }
+      const float* dxr = dx + r * groups;
+      const float* sxr = sx + r * groups;
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(qa, qb)),
+                               _mm512_mul_ps(dg, _mm512_set1_ps(dxr[g])), acc[r]);
+      acc[r] = _mm512_fmadd_ps(mg, _mm512_set1_ps(sxr[g]), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    alignas(64) float v[kBlock];
+    _mm512_store_ps(v, acc[r]);
+    for (int i = 0; i < kBlock; ++i) out[r * ldo + i] = static_cast<Y>(v[i]);
+  }
+}
+
+void check_args(const at::Tensor& codes, const at::Tensor& d, const at::Tensor& m) {
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kByte && codes.is_contiguous(), "codes: uint8 [N, K/2]");
+  const int64_t N = codes.size(0), K = codes.size(1) * 2;
+  TORCH_CHECK(N % kBlock == 0 && K % kGroup == 0, "codes: N a multiple of 16 and K of 32");
+  TORCH_CHECK(d.sizes() == m.sizes() && d.scalar_type() == m.scalar_type() && d.is_contiguous() && m.is_contiguous(),
+              "scale and min: one dtype and shape");
+  TORCH_CHECK(d.numel() == N * (K / kGroup), "scale: [N / 16, K / 32, 16]");
+  TORCH_CHECK(d.scalar_type() == at::kFloat || d.scalar_type() == at::kHalf, "scale: float32 or float16");
+}
+
+template <typename X, typename S>
+void linear_impl(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& dt, const at::Tensor& mt, at::Tensor& out) {
+  const int64_t M = x.size(0), K = x.size(1), N = codes.size(0), groups = K / kGroup;
+  std::vector<int8_t> xq(M * K);
+  std::vector<float> dx(M * groups), sx(M * groups);
+  const X* xp = x.data_ptr<X>();
+  for (int64_t r = 0; r < M; ++r) quantize_row(xp + r * K, K, xq.data() + r * K, dx.data() + r * groups, sx.data() + r * groups);
+  const uint8_t* cp = codes.data_ptr<uint8_t>();
+  const S* dp = dt.data_ptr<S>();
+  const S* mp = mt.data_ptr<S>();
+  X* op = out.data_ptr<X>();
+  at::parallel_for(0, N / kBlock, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const uint8_t* w = cp + b * kBlock * (K / 2);
+      const S* d = dp + b * groups * kBlock;
+      const S* m = mp + b * groups * kBlock;
+      int64_t r = 0;
+      for (; r + 4 <= M; r += 4)
+        tile<4>(w, d, m, groups, xq.data() + r * K, dx.data() + r * groups, sx.data() + r * groups, K, op + r * N + b * kBlock, N);
+      for (; r + 2 <= M; r += 2)
+        tile<2>(w, d, m, groups, xq.data() + r * K, dx.data() + r * groups, sx.data() + r * groups, K, op + r * N + b * kBlock, N);
+      for (; r < M; ++r)
+        tile<1>(w, d, m, groups, xq.data() + r * K, dx.data() + r * groups, sx.data() + r * groups, K, op + r * N + b * kBlock, N);
+    }
+  });
+}
+
+// The weight transposed, [K, N] with row stride ld, in bf16 or fp32 (fma(q, d, m) rounded once to the output
+// dtype).
+template <typename S, typename Y>
+void dequantize_impl(const at::Tensor& codes, const at::Tensor& dt, const at::Tensor& mt, at::Tensor& out) {
+  const int64_t N = codes.size(0), K = codes.size(1) * 2, groups = K / kGroup, ld = out.stride(0);
+  const uint8_t* cp = codes.data_ptr<uint8_t>();
+  const S* dp = dt.data_ptr<S>();
+  const S* mp = mt.data_ptr<S>();
+  Y* op = out.data_ptr<Y>();
+  // lane i's byte b -> row b: vpermb index 16 * b + i <- 4 * i + b
+  alignas(64) uint8_t idx[64];
+  for (int b = 0; b < 4; ++b)
+    for (int i = 0; i < 16; ++i) idx[16 * b + i] = static_cast<uint8_t>(4 * i + b);
+  const __m512i perm = _mm512_load_si512(idx);
+  at::parallel_for(0, N / kBlock, 1, [&](int64_t b0, int64_t b1) {
+    const __m512i low4 = _mm512_set1_epi8(0x0F);
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      for (int64_t g = 0; g < groups; ++g) {
+        const __m512 dg = load16(dp + (blk * groups + g) * kBlock), mg = load16(mp + (blk * groups + g) * kBlock);
+        for (int s = 0; s < 4; ++s) {
+          const __m512i p = _mm512_loadu_si512(cp + blk * kBlock * (K / 2) + (g * 4 + s) * 64);
+          for (int h = 0; h < 2; ++h) {
+            const __m512i q = _mm512_permutexvar_epi8(perm, h ? _mm512_and_si512(_mm512_srli_epi16(p, 4), low4)
+                                                              : _mm512_and_si512(p, low4));
+            for (int b = 0; b < 4; ++b) {
+              const int64_t k = g * kGroup + 16 * h + 4 * s + b;
+              __m128i row;
+              switch (b) {
+                case 0: row = _mm512_extracti32x4_epi32(q, 0); break;
+                case 1: row = _mm512_extracti32x4_epi32(q, 1); break;
+                case 2: row = _mm512_extracti32x4_epi32(q, 2); break;
+                default: row = _mm512_extracti32x4_epi32(q, 3); break;
+              }
+              const __m512 wv = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(row)), dg, mg);
+              Y* dst = op + k * ld + blk * kBlock;
+              if constexpr (std::is_same_v<Y, float>) {
+                _mm512_storeu_ps(dst, wv);
+              } else {
+                _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), (__m256i)_mm512_cvtneps_pbh(wv));
+              }
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+at::Tensor int4_dequantize_t(const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& minimum,
+                             at::ScalarType dtype) {
+  check_args(codes, scale, minimum);
+  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kFloat, "dequantize to bfloat16 or float32");
+  // rows padded by one block: a power-of-two row stride would put every row of a block's writes in one cache set
+  const int64_t N = codes.size(0);
+  at::Tensor out = at::empty({codes.size(1) * 2, N + kBlock}, codes.options().dtype(dtype)).narrow(1, 0, N);
+  const bool half = scale.scalar_type() == at::kHalf;
+  if (dtype == at::kFloat) {
+    if (half) dequantize_impl<at::Half, float>(codes, scale, minimum, out);
+    else dequantize_impl<float, float>(codes, scale, minimum, out);
+  } else {
+    if (half) dequantize_impl<at::Half, at::BFloat16>(codes, scale, minimum, out);
+    else dequantize_impl<float, at::BFloat16>(codes, scale, minimum, out);
+  }
+  return out;
+}
+
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
+                       const at::Tensor& minimum, int64_t gemm_rows) {
+  check_args(codes, scale, minimum);
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(1) == codes.size(1) * 2, "x: contiguous [M, K]");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat, "x: bfloat16 or float32");
+  if (x.size(0) >= gemm_rows) return at::matmul(x, int4_dequantize_t(codes, scale, minimum, x.scalar_type()));
+  at::Tensor out = at::empty({x.size(0), codes.size(0)}, x.options());
+  if (x.size(0) == 0) return out;
+  const bool half = scale.scalar_type() == at::kHalf;
+  if (x.scalar_type() == at::kFloat) {
+    if (half) linear_impl<float, at::Half>(x, codes, scale, minimum, out);
+    else linear_impl<float, float>(x, codes, scale, minimum, out);
+  } else {
+    if (half) linear_impl<at::BFloat16, at::Half>(x, codes, scale, minimum, out);
+    else linear_impl<at::BFloat16, float>(x, codes, scale, minimum, out);
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(ember_cpu, m) {
+  m.def("int4_linear(Tensor x, Tensor codes, Tensor scale, Tensor minimum, int gemm_rows) -> Tensor");
+  m.def("int4_dequantize_t(Tensor codes, Tensor scale, Tensor minimum, ScalarType dtype) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(ember_cpu, CPU, m) {
+  m.impl("int4_linear", &int4_linear);
+  m.impl("int4_dequantize_t", &int4_dequantize_t);
+}
