@@ -25,6 +25,7 @@ from ember.build.int4_sources import lossless_int4_layers
 from ember.build.engine_dir import (FORMAT, FORMAT_VERSION, MANIFEST, EngineCheckpoint, file_entries,
                                     is_engine_dir, load_engine, write_weights)
 from ember.build.quality import compare_models, format_report
+from ember.layers.cpu_pack import pack_model_for_cpu
 from ember.checkpoint import load_checkpoint, resolve_checkpoint_path
 from ember.layers.linear import Linear
 from ember.layers.quant import QUANT_SCHEMES, QuantizedMethod, make_quant_method
@@ -222,6 +223,7 @@ def build_engine(cfg, output_dir: str | Path, *, int4_group_size: int = 128, num
         # ---- load the engine back the way serving does, and measure it
         engine_ckpt = load_engine(tmp)
         engine = _load_model(engine_ckpt, dtype, device)
+        pack_model_for_cpu(engine)  # as the serving runner does (CPU bf16: packed weights, an 8-bit LM head's grid)
         held_out = tokenize_samples(tokenizer, load_texts(HELD_OUT_SET), num_eval_prompts,
                                     min(eval_max_seq_length, ckpt.max_position_embeddings or eval_max_seq_length))
         quality = compare_models(model, engine, held_out, progress=progress)

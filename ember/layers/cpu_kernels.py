@@ -1,7 +1,8 @@
 """ember's C++ CPU kernels (ember/csrc): built once per machine, loaded at first use, optional.
 
-- `ember_cpu::int4_linear` / `int4_dequantize_t` (ember/csrc/int4_cpu.cpp, used by ember.layers.quant.int4_native):
-  4-bit codes times int8-rounded activations with AVX-512 VNNI integer dot products.
+- `ember_cpu::int4_linear` / `int4_dequantize_t` / `int8_linear` (ember/csrc/quant_linear_cpu.cpp, used by
+  ember.layers.quant.int4_native and ember.layers.cpu_pack's 8-bit LM head): 4- and 8-bit codes times
+  activations in two int8 digits, with AVX-512 VNNI integer dot products.
 - `ember_cpu::decode_attention` (ember/csrc/attention_cpu.cpp, used by ember.layers.batched_attention): one query
   token per sequence attended straight from the paged cache, without gathering it.
 
@@ -23,7 +24,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).resolve().parents[1] / "csrc" / name for name in ("int4_cpu.cpp", "attention_cpu.cpp")]
+SOURCES = [Path(__file__).resolve().parents[1] / "csrc" / name for name in ("quant_linear_cpu.cpp", "attention_cpu.cpp")]
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512vbmi", "f16c", "fma")
 CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512bf16", "-mavx512vbmi",
           "-mf16c", "-mfma", "-mavx2", "-fopenmp"]
@@ -75,6 +76,10 @@ def load() -> bool:
 
     @torch.library.register_fake("ember_cpu::int4_linear")
     def _(x, codes, scale, minimum, gemm_rows):
+        return x.new_empty((x.shape[0], codes.shape[0]))
+
+    @torch.library.register_fake("ember_cpu::int8_linear")
+    def _(x, codes, scale):
         return x.new_empty((x.shape[0], codes.shape[0]))
 
     @torch.library.register_fake("ember_cpu::decode_attention")

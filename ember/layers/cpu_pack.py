@@ -1,10 +1,17 @@
-"""bf16 linear layers on CPU, repacked once into oneDNN's blocked weight layout.
+"""bf16 linear layers on CPU, repacked once into oneDNN's blocked weight layout; an LM head whose weights
+lie on an 8-bit grid runs in 8 bits.
 
 `F.linear` on a plain bf16 weight re-lays the weight out inside oneDNN on every call; a weight packed
 once at load time skips that, which roughly doubles matrix-vector speed (batch-1 decode is nothing but
 matrix-vector products). The packed kernel gives bit-identical results to `F.linear` and, like it,
 computes each row independently of the rest of the batch. fp32 is left on `F.linear`: oneDNN's packed
 fp32 kernel changes rounding with the batch size, and batch invariance matters more than its speed.
+
+The LM head is the largest matrix a decode step reads (SmolLM2: 56 MB of its 110). When its weights came from
+an 8-bit source, GGUF's Q8_0 (the default model's embedding is), every 32 of them are already d * q with q in
+-127..127, and bf16 only rounded that product. `q8_grid` recovers the grid (a matrix that never was 8-bit
+stays bf16), and the head runs `ember_cpu::int8_linear` (ember/csrc/quant_linear_cpu.cpp) on it: half the
+bytes of bf16, activations in two int8 digits.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ember.layers import cpu_kernels
 from ember.layers.linear import Linear, QuantMethod, UnquantizedMethod
 from ember.layers.row_groups import grouped_matmul
 
@@ -54,11 +62,72 @@ def _packed(weight: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 1), requires_grad=False)
 
 
+Q8_MAX_REL_ERROR = 2.0 ** -7  # per weight; bf16 itself rounds to 2^-9 of it
+
+
+def q8_grid(weight: torch.Tensor, rows_per_chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The 8-bit grid `weight` [N, K] was made from, in the kernel's layout: (codes uint8 [N, K], q + 128 in
+    blocks of 16 outputs; scales float32 [N / 16, K / 32, 16]); None when the weights never were 8-bit (the
+    grid misses some weight by more than Q8_MAX_REL_ERROR of it) or the shape does not tile.
+
+    Q8_0's grid is w = d * q per 32 weights, q in -127..127, d = absmax / 127; what is here are those
+    products rounded to the model dtype. The codes come from d ~ absmax / 127, then d is refit to them by
+    least squares (averaging out the rounding) and the codes redone, twice. On the default model's embedding
+    the grid reproduces every weight within 0.6% of it; a bf16-trained matrix misses by up to 100%."""
+    n, k = weight.shape
+    if n % 16 or k % 32:
+        return None
+    codes = torch.empty(n, k, dtype=torch.uint8)
+    scales = torch.empty(n, k // 32, 1)
+    for r0 in range(0, n, rows_per_chunk):  # chunks: the float temporaries stay in cache
+        w = weight[r0:r0 + rows_per_chunk].float().view(-1, k // 32, 32)
+        d = w.abs().amax(-1, keepdim=True) / 127  # [R, G, 1]
+        for _ in range(3):
+            q = torch.where(d > 0, w / d, torch.zeros_like(w)).round_().clamp_(-127, 127)
+            qq = (q * q).sum(-1, keepdim=True)
+            d = torch.where(qq > 0, (q * w).sum(-1, keepdim=True) / qq.clamp(min=1), torch.zeros_like(d))
+        if bool(((q * d - w).abs() > Q8_MAX_REL_ERROR * w.abs()).any()):
+            return None
+        codes[r0:r0 + rows_per_chunk] = (q + 128).to(torch.uint8).view(-1, k)
+        scales[r0:r0 + rows_per_chunk] = d
+    codes = codes.view(n // 16, 16, k // 32, 8, 4).permute(0, 2, 3, 1, 4).contiguous()
+    return codes.view(n, k), scales.view(n // 16, 16, k // 32).transpose(1, 2).contiguous()
+
+
+class Q8HeadMethod(QuantMethod):
+    """An LM head on its 8-bit grid (`q8_grid`): `weight` holds the codes, `weight_scale` the scales."""
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).contiguous()
+        return torch.ops.ember_cpu.int8_linear(x2, layer.weight, layer.weight_scale).view(*shape[:-1], -1)
+
+
+def _q8_head(weight: torch.Tensor) -> Linear | None:
+    if weight.device.type != "cpu" or weight.dtype != torch.bfloat16 or not cpu_kernels.load():
+        return None
+    grid = q8_grid(weight)
+    if grid is None:
+        return None
+    rows, hidden = weight.shape
+    head = Linear(hidden, rows, dtype=weight.dtype, device=weight.device)
+    head.weight = nn.Parameter(grid[0], requires_grad=False)
+    head.weight_scale = grid[1]
+    head.quant_method = Q8HeadMethod()
+    return head
+
+
 def pack_model_for_cpu(model: nn.Module) -> int:
     """Repack every unquantized bf16 Linear of `model` in place (serving only: a packed weight can't be
     read back as a plain tensor). A tied LM head gets a packed copy of the embedding. Returns how many
     layers were packed."""
     num = 0
+    head = getattr(model, "lm_head", None)
+    if isinstance(head, Linear) and type(head.quant_method) is UnquantizedMethod and head.bias is None:
+        q8 = _q8_head(head.weight)
+        if q8 is not None:
+            model.lm_head = q8
+            num += 1
     for module in model.modules():
         if isinstance(module, Linear) and type(module.quant_method) is UnquantizedMethod \
                 and can_pack(module.weight.device, module.weight.dtype):
@@ -66,7 +135,10 @@ def pack_model_for_cpu(model: nn.Module) -> int:
             module.quant_method = PackedCPUMethod()
             num += 1
     embed = getattr(getattr(model, "model", None), "embed_tokens", None)
-    if getattr(model, "lm_head", 0) is None and embed is not None and can_pack(embed.weight.device, embed.weight.dtype):
+    if getattr(model, "lm_head", 0) is None and embed is not None and (q8 := _q8_head(embed.weight)) is not None:
+        model.lm_head = q8  # compute_logits uses lm_head when it is set
+        num += 1
+    elif getattr(model, "lm_head", 0) is None and embed is not None and can_pack(embed.weight.device, embed.weight.dtype):
         rows, hidden = embed.weight.shape
         head = Linear(hidden, rows, dtype=embed.weight.dtype, device=embed.weight.device)
         head.weight = _packed(embed.weight)

@@ -50,8 +50,9 @@ inline __m512 load16(const at::BFloat16* p) {
 // value of the group; with an outlier in the group that is most of the small values, and on SmolLM2 it cost
 // 1.8% perplexity. Two digits leave 1/64000 of it, less than bf16's own rounding, for twice the integer
 // dot products (the codes are unpacked once for both).
+// cx [G] = 128 * (256 * sum x1 + sum x2): what offset-binary (q + 128) weight codes add to a group's dot product.
 template <typename X>
-void quantize_row(const X* x, int64_t K, int8_t* xq, float* dx, float* sx) {
+void quantize_row(const X* x, int64_t K, int8_t* xq, float* dx, float* sx, int32_t* cx) {
   for (int64_t g = 0; g < K / kGroup; ++g) {
     const __m512 a = load16(x + g * kGroup), b = load16(x + g * kGroup + 16);
     const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
@@ -61,13 +62,20 @@ void quantize_row(const X* x, int64_t K, int8_t* xq, float* dx, float* sx) {
     const __m512 inv2 = _mm512_set1_ps(amax > 0.0f ? 256.0f * 127.0f / amax : 0.0f);
     const __m512 step = _mm512_set1_ps(dx[g]);
     const __m512 v[2] = {a, b};
+    __m512i sum1 = _mm512_setzero_si512(), sum2 = _mm512_setzero_si512();
     for (int h = 0; h < 2; ++h) {
       const __m512 q1 = _mm512_roundscale_ps(_mm512_mul_ps(v[h], inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
       const __m512 rest = _mm512_fnmadd_ps(q1, step, v[h]);  // x - dx * x1, |rest| <= dx / 2
-      const __m512i q2 = _mm512_cvtps_epi32(_mm512_mul_ps(rest, inv2));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + g * kGroup + 16 * h), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(q1)));
+      // saturate first: |rest| * 256 / dx can reach 128 by rounding, one past int8
+      const __m512i q2 = _mm512_max_epi32(_mm512_min_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(rest, inv2)),
+                                                           _mm512_set1_epi32(127)), _mm512_set1_epi32(-127));
+      const __m512i q1i = _mm512_cvtps_epi32(q1);
+      sum1 = _mm512_add_epi32(sum1, q1i);
+      sum2 = _mm512_add_epi32(sum2, q2);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + g * kGroup + 16 * h), _mm512_cvtsepi32_epi8(q1i));
       _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + K + g * kGroup + 16 * h), _mm512_cvtsepi32_epi8(q2));
     }
+    cx[g] = 128 * (256 * _mm512_reduce_add_epi32(sum1) + _mm512_reduce_add_epi32(sum2));
   }
 }
 
@@ -116,6 +124,45 @@ inline void tile(const uint8_t* w, const S* d, const S* m, int64_t groups, const
   }
 }
 
+// int8 weights (GGUF's Q8_0 grid, w = d * q, q in -127..127), stored offset-binary (q + 128) in blocks of 16
+// outputs: for a block and a group g, eight 64-byte vectors s = 0..7, lane i's 4 bytes the codes of output i
+// at k = 32g + 4s .. 32g + 4s + 3. The offset comes back out through cx.
+template <int R, typename Y>
+inline void tile8(const uint8_t* w, const float* d, int64_t groups, const int8_t* xq, const float* dx,
+                  const int32_t* cx, int64_t K, Y* out, int64_t ldo) {
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512i p[8];
+    for (int s = 0; s < 8; ++s) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + (g * 8 + s) * 64 + kPrefetch), _MM_HINT_T0);
+      p[s] = _mm512_loadu_si512(w + (g * 8 + s) * 64);
+    }
+    const __m512 dg = _mm512_loadu_ps(d + g * kBlock);
+    for (int r = 0; r < R; ++r) {
+      const int32_t* xr = reinterpret_cast<const int32_t*>(xq + r * 2 * K + g * kGroup);
+      const int32_t* xr2 = reinterpret_cast<const int32_t*>(xq + r * 2 * K + K + g * kGroup);
+      __m512i a[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
+      __m512i b[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
+      for (int s = 0; s < 8; ++s) {
+        a[s & 1] = _mm512_dpbusd_epi32(a[s & 1], p[s], _mm512_set1_epi32(xr[s]));
+        b[s & 1] = _mm512_dpbusd_epi32(b[s & 1], p[s], _mm512_set1_epi32(xr2[s]));
+      }
+      // 256 * digit-1 sum + digit-2 sum - the offset's share: |.| < 256 * 32 * 255 * 127 * 1.01, inside int32
+      const __m512i t = _mm512_sub_epi32(
+          _mm512_add_epi32(_mm512_slli_epi32(_mm512_add_epi32(a[0], a[1]), 8), _mm512_add_epi32(b[0], b[1])),
+          _mm512_set1_epi32(cx[r * groups + g]));
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t), _mm512_mul_ps(dg, _mm512_set1_ps(dx[r * groups + g] * (1.0f / 256))),
+                               acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    alignas(64) float v[kBlock];
+    _mm512_store_ps(v, acc[r]);
+    for (int i = 0; i < kBlock; ++i) out[r * ldo + i] = static_cast<Y>(v[i]);
+  }
+}
+
 void check_args(const at::Tensor& codes, const at::Tensor& d, const at::Tensor& m) {
   TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kByte && codes.is_contiguous(), "codes: uint8 [N, K/2]");
   const int64_t N = codes.size(0), K = codes.size(1) * 2;
@@ -131,8 +178,10 @@ void linear_impl(const at::Tensor& x, const at::Tensor& codes, const at::Tensor&
   const int64_t M = x.size(0), K = x.size(1), N = codes.size(0), groups = K / kGroup;
   std::vector<int8_t> xq(2 * M * K);
   std::vector<float> dx(M * groups), sx(M * groups);
+  std::vector<int32_t> cx(M * groups);
   const X* xp = x.data_ptr<X>();
-  for (int64_t r = 0; r < M; ++r) quantize_row(xp + r * K, K, xq.data() + r * 2 * K, dx.data() + r * groups, sx.data() + r * groups);
+  for (int64_t r = 0; r < M; ++r)
+    quantize_row(xp + r * K, K, xq.data() + r * 2 * K, dx.data() + r * groups, sx.data() + r * groups, cx.data() + r * groups);
   const uint8_t* cp = codes.data_ptr<uint8_t>();
   const S* dp = dt.data_ptr<S>();
   const S* mp = mt.data_ptr<S>();
@@ -149,6 +198,31 @@ void linear_impl(const at::Tensor& x, const at::Tensor& codes, const at::Tensor&
         tile<2>(w, d, m, groups, xq.data() + r * 2 * K, dx.data() + r * groups, sx.data() + r * groups, K, op + r * N + b * kBlock, N);
       for (; r < M; ++r)
         tile<1>(w, d, m, groups, xq.data() + r * 2 * K, dx.data() + r * groups, sx.data() + r * groups, K, op + r * N + b * kBlock, N);
+    }
+  });
+}
+
+template <typename X>
+void linear8_impl(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& dt, at::Tensor& out) {
+  const int64_t M = x.size(0), K = x.size(1), N = codes.size(0), groups = K / kGroup;
+  std::vector<int8_t> xq(2 * M * K);
+  std::vector<float> dx(M * groups), sx(M * groups);
+  std::vector<int32_t> cx(M * groups);
+  const X* xp = x.data_ptr<X>();
+  for (int64_t r = 0; r < M; ++r)
+    quantize_row(xp + r * K, K, xq.data() + r * 2 * K, dx.data() + r * groups, sx.data() + r * groups, cx.data() + r * groups);
+  const uint8_t* cp = codes.data_ptr<uint8_t>();
+  const float* dp = dt.data_ptr<float>();
+  X* op = out.data_ptr<X>();
+  at::parallel_for(0, N / kBlock, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const uint8_t* w = cp + b * kBlock * K;
+      const float* d = dp + b * groups * kBlock;
+      int64_t r = 0;
+      for (; r + 4 <= M; r += 4)
+        tile8<4>(w, d, groups, xq.data() + r * 2 * K, dx.data() + r * groups, cx.data() + r * groups, K, op + r * N + b * kBlock, N);
+      for (; r < M; ++r)
+        tile8<1>(w, d, groups, xq.data() + r * 2 * K, dx.data() + r * groups, cx.data() + r * groups, K, op + r * N + b * kBlock, N);
     }
   });
 }
@@ -238,14 +312,31 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& codes, const at::T
   return out;
 }
 
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale) {
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kByte && codes.is_contiguous(), "codes: uint8 [N, K]");
+  const int64_t N = codes.size(0), K = codes.size(1);
+  TORCH_CHECK(N % kBlock == 0 && K % kGroup == 0, "codes: N a multiple of 16 and K of 32");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == N * (K / kGroup),
+              "scale: float32 [N / 16, K / 32, 16]");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(1) == K, "x: contiguous [M, K]");
+  at::Tensor out = at::empty({x.size(0), N}, x.options());
+  if (x.size(0) == 0) return out;
+  if (x.scalar_type() == at::kFloat) linear8_impl<float>(x, codes, scale, out);
+  else if (x.scalar_type() == at::kBFloat16) linear8_impl<at::BFloat16>(x, codes, scale, out);
+  else TORCH_CHECK(false, "x: bfloat16 or float32");
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(ember_cpu, m) {
+  m.def("int8_linear(Tensor x, Tensor codes, Tensor scale) -> Tensor");
   m.def("int4_linear(Tensor x, Tensor codes, Tensor scale, Tensor minimum, int gemm_rows) -> Tensor");
   m.def("int4_dequantize_t(Tensor codes, Tensor scale, Tensor minimum, ScalarType dtype) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(ember_cpu, CPU, m) {
   m.impl("int4_linear", &int4_linear);
+  m.impl("int8_linear", &int8_linear);
   m.impl("int4_dequantize_t", &int4_dequantize_t);
 }
