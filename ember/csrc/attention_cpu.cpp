@@ -12,6 +12,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cstring>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -97,6 +98,22 @@ void decode_impl(const at::Tensor& q, const at::Tensor& cache, const at::Tensor&
   });
 }
 
+// k, v [B, Hk, D] -> the cache rows at slot_mapping [B] (block * block_size + offset), before attending.
+template <typename T>
+void write_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& cache, const at::Tensor& slot_mapping) {
+  const int64_t B = k.size(0), Hk = k.size(1), D = k.size(2), block_size = cache.size(2);
+  const int64_t s_kv = cache.stride(0), s_blk = cache.stride(1), s_off = cache.stride(2), s_h = cache.stride(3);
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  T* cp = cache.data_ptr<T>();
+  const T* src[2] = {k.data_ptr<T>(), v.data_ptr<T>()};
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t blk = slots[b] / block_size, off = slots[b] % block_size;
+    for (int kv = 0; kv < 2; ++kv)
+      for (int64_t h = 0; h < Hk; ++h)
+        std::memcpy(cp + kv * s_kv + blk * s_blk + off * s_off + h * s_h, src[kv] + (b * Hk + h) * D, D * sizeof(T));
+  }
+}
+
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& cache, const at::Tensor& block_tables,
                             const at::Tensor& seq_lens, double scale, int64_t window) {
   TORCH_CHECK(q.dim() == 3 && q.is_contiguous(), "q: contiguous [B, Hq, D]");
@@ -116,10 +133,32 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& cache, const 
   return out;
 }
 
+// A decode step's whole attention call: write each sequence's new K/V row, then attend (q, k, v: one token
+// per sequence, in batch order).
+at::Tensor decode_step_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& cache,
+                                 const at::Tensor& slot_mapping, const at::Tensor& block_tables,
+                                 const at::Tensor& seq_lens, double scale, int64_t window) {
+  TORCH_CHECK(k.dim() == 3 && k.sizes() == v.sizes() && k.size(0) == q.size(0) && k.size(1) == cache.size(3) &&
+              k.size(2) == cache.size(4), "k, v: [B, Hk, D]");
+  TORCH_CHECK(k.scalar_type() == cache.scalar_type() && v.scalar_type() == cache.scalar_type(), "k, v: the cache dtype");
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.numel() == q.size(0), "slot_mapping: int64 [B]");
+  TORCH_CHECK(cache.stride(4) == 1, "kv_cache: D contiguous");
+  const at::Tensor kc = k.contiguous(), vc = v.contiguous(), sc = slot_mapping.contiguous();
+  if (cache.scalar_type() == at::kFloat) write_kv<float>(kc, vc, cache, sc);
+  else if (cache.scalar_type() == at::kBFloat16) write_kv<at::BFloat16>(kc, vc, cache, sc);
+  else TORCH_CHECK(false, "kv_cache: float32 or bfloat16");
+  return decode_attention(q.contiguous(), cache, block_tables, seq_lens, scale, window);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(ember_cpu, m) {
   m.def("decode_attention(Tensor q, Tensor kv_cache, Tensor block_tables, Tensor seq_lens, float scale, int window) -> Tensor");
+  m.def("decode_step_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) kv_cache, Tensor slot_mapping, "
+        "Tensor block_tables, Tensor seq_lens, float scale, int window) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(ember_cpu, CPU, m) { m.impl("decode_attention", &decode_attention); }
+TORCH_LIBRARY_IMPL(ember_cpu, CPU, m) {
+  m.impl("decode_attention", &decode_attention);
+  m.impl("decode_step_attention", &decode_step_attention);
+}

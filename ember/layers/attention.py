@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ember.layers.batched_attention import attend_batch, dequant_kv, gather_kv, is_head_major, plan_batch
+from ember.layers.batched_attention import (BatchPlan, attend_batch, dequant_kv, gather_kv, has_decode_kernel,
+                                           is_head_major, plan_batch)
 from ember.layers.invariant_attention import invariant_attention
 
 __all__ = ["AttentionBackend", "AttentionMetadata", "TorchAttentionBackend", "build_attention_metadata",
@@ -157,6 +158,13 @@ class TorchAttentionBackend(AttentionBackend):
     """
 
     def forward(self, q, k, v, kv_cache, metadata, *, scale, sliding_window=None, logit_softcap=None, kv_scale=None):
+        if metadata.is_all_decode and logit_softcap is None and kv_cache.dtype == k.dtype:
+            fast = metadata.derived.get(("decode", q.dtype))
+            if fast is None:
+                fast = metadata.derived[("decode", q.dtype)] = _decode_kernel_args(q, kv_cache, metadata)
+            if fast:  # a decode step on CPU: write + attend in one C++ call (the batched path's same kernel)
+                return torch.ops.ember_cpu.decode_step_attention(q, k, v, kv_cache, metadata.slot_mapping, *fast,
+                                                                 scale, sliding_window or 0)
         num_blocks, block_size = kv_cache.shape[1], kv_cache.shape[2]
         flat = kv_cache.view(2, num_blocks * block_size, kv_cache.shape[3], kv_cache.shape[4])
         if kv_cache.dtype == k.dtype:
@@ -229,6 +237,18 @@ class TorchAttentionBackend(AttentionBackend):
         if window is not None:
             mask &= kv_pos > q_pos - window
         return _attend(qi, ki, vi, mask[None, None], scale, softcap)[0].transpose(0, 1)
+
+
+def _decode_kernel_args(q: torch.Tensor, kv_cache: torch.Tensor, md: AttentionMetadata) -> tuple | bool:
+    """(block_tables, seq_lens) for `ember_cpu::decode_step_attention` when it takes this all-decode step;
+    False when it does not (the batched path then runs; it reaches the same attention kernel where it can)."""
+    if md.is_deterministic or md.tree_mask is not None or md.slot_mapping.dtype != torch.int64:
+        return False
+    bt = md.block_tables
+    plan = BatchPlan(bt, md.max_seq_len, 1, None, None, None, None, md.seq_lens, None)
+    if not has_decode_kernel(q, kv_cache, plan) or md.seq_lens.dtype != torch.int32:
+        return False
+    return bt, md.seq_lens
 
 
 def _plan_step(md: AttentionMetadata, block_size: int, window, dtype, device):

@@ -135,7 +135,7 @@ def attend_batch(q: torch.Tensor, kv_cache: torch.Tensor, plan: BatchPlan, scale
     num_kv_heads = kv_cache.shape[3]
     num_seqs, nq = plan.block_tables.shape[0], plan.num_queries
     qb = q if plan.query_index is None else q.index_select(0, plan.query_index)  # [B * Q, Hq, D]
-    if nq == 1 and fused and softcap is None and kv_scale is None and _has_decode_kernel(qb, kv_cache, plan):
+    if nq == 1 and fused and softcap is None and kv_scale is None and has_decode_kernel(qb, kv_cache, plan):
         return torch.ops.ember_cpu.decode_attention(qb.contiguous(), kv_cache, plan.block_tables, plan.seq_lens,
                                                     scale, plan.window or 0)
     kv = gather_kv(kv_cache, plan.block_tables)  # [2, Hk, B, S, D]
@@ -151,7 +151,7 @@ def attend_batch(q: torch.Tensor, kv_cache: torch.Tensor, plan: BatchPlan, scale
     return _attend_matmuls(qb, kv, plan, scale, softcap, num_seqs, nq)
 
 
-def _has_decode_kernel(q: torch.Tensor, kv_cache: torch.Tensor, plan: BatchPlan) -> bool:
+def has_decode_kernel(q: torch.Tensor, kv_cache: torch.Tensor, plan: BatchPlan) -> bool:
     """Whether `ember_cpu::decode_attention` takes this call (CPU, bf16/fp32, shapes it handles)."""
     if q.device.type != "cpu" or q.dtype not in (torch.bfloat16, torch.float32) or kv_cache.dtype != q.dtype:
         return False

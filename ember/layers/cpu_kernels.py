@@ -3,8 +3,9 @@
 - `ember_cpu::int4_linear` / `int4_dequantize_t` / `int8_linear` (ember/csrc/quant_linear_cpu.cpp, used by
   ember.layers.quant.int4_native and ember.layers.cpu_pack's 8-bit LM head): 4- and 8-bit codes times
   activations in two int8 digits, with AVX-512 VNNI integer dot products.
-- `ember_cpu::decode_attention` (ember/csrc/attention_cpu.cpp, used by ember.layers.batched_attention): one query
-  token per sequence attended straight from the paged cache, without gathering it.
+- `ember_cpu::decode_attention` / `decode_step_attention` (ember/csrc/attention_cpu.cpp, used by
+  ember.layers.batched_attention and ember.layers.attention): one query token per sequence attended straight
+  from the paged cache, without gathering it (a decode step's K/V write in the same call).
 
 They are compiled with torch's cpp_extension (about 20 s, into TORCH_EXTENSIONS_DIR, by default
 ~/.cache/torch_extensions; `make` does it so no server start pays) for x86 CPUs with AVX-512 VNNI, BF16 and
