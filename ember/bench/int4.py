@@ -1,9 +1,11 @@
 """`ember bench int4`: the int4 CPU matmuls against the bf16 one, per batch size, on a model's Linear shapes.
 
-For each number of rows it times, over every distinct (out, in) of the model's quantizable Linears: torch's int4
-kernel, dequantize + GEMM (the two paths `ember.layers.quant.int4_cpu` chooses between) and the bf16 packed
-oneDNN matmul an unquantized engine runs; the sum over one forward's Linears is printed as a ratio to bf16.
-This is where `int4_cpu.MAX_GEMV_ROWS` comes from.
+For each number of rows it times, over every distinct (out, in) of the model's quantizable Linears: ember's int4
+kernel (ember.layers.quant.int4_native, where this CPU has it: codes times activations in two int8 digits,
+dequantize + GEMM from `GEMM_ROWS` rows), torch's int4 kernel, dequantize + GEMM (the two paths
+`ember.layers.quant.int4_cpu` chooses between elsewhere) and the bf16 packed oneDNN matmul an unquantized
+engine runs; the sum over one forward's Linears is printed as a ratio to bf16. This is where
+`int4_cpu.MAX_GEMV_ROWS` and `int4_native.GEMM_ROWS` come from.
 """
 
 from __future__ import annotations
@@ -50,23 +52,28 @@ def layer_shapes(model_source) -> dict[tuple[int, int], int]:
 
 
 def main(args) -> None:
-    from ember.layers.quant import int4_cpu
+    from ember.layers.quant import int4_cpu, int4_native
 
     if args.threads:
         torch.set_num_threads(args.threads)
     shapes = layer_shapes(args.model)
     rows_list = [int(r) for r in args.rows.split(",")]
     torch.manual_seed(0)
-    totals = {r: {"int4 kernel": 0.0, "dequant+GEMM": 0.0, "bf16": 0.0} for r in rows_list}
+    native = int4_native.load() and args.group_size % int4_native.GROUP == 0
+    totals = {r: {"ember int4": 0.0, "int4 kernel": 0.0, "dequant+GEMM": 0.0, "bf16": 0.0} for r in rows_list}
     for (out_f, in_f), count in shapes.items():
         codes = torch.randint(0, 16, (out_f, in_f), dtype=torch.uint8)
         scale = torch.rand(out_f, in_f // args.group_size) * 0.01
         kernel = int4_cpu.Int4CPUKernel.create(codes, scale, -8 * scale, args.group_size, torch.bfloat16)
         dense = kernel.dequantize(torch.bfloat16)
         packed = torch.ops.mkldnn._reorder_linear_weight(dense, 1)
+        ours = int4_native.NativeInt4Kernel.create(codes, scale, -8 * scale, args.group_size) \
+            if native and out_f % int4_native.BLOCK == 0 and in_f % 64 == 0 else None
         for rows in rows_list:
             x = torch.randn(rows, in_f, dtype=torch.bfloat16)
             t = totals[rows]
+            if ours is not None:
+                t["ember int4"] += count * _time(lambda: ours.matmul(x), args.repeats)
             t["int4 kernel"] += count * _time(lambda: torch._weight_int4pack_mm_for_cpu(
                 x, kernel.packed, args.group_size, kernel.scale_zero), args.repeats)
             t["dequant+GEMM"] += count * _time(lambda: x @ kernel.dequantize_t(torch.bfloat16), args.repeats)
@@ -74,8 +81,11 @@ def main(args) -> None:
                                        args.repeats)
     print(f"one forward's Linears ({sum(shapes.values())} of {len(shapes)} shapes), {torch.get_num_threads()} "
           f"threads; ms, and the ratio to bf16 (lower is faster); MAX_GEMV_ROWS = {int4_cpu.MAX_GEMV_ROWS}")
-    print(f"{'rows':>5} {'int4 kernel':>18} {'dequant+GEMM':>18} {'bf16 packed':>12}")
+    print(f"{'rows':>5} {'ember int4':>18} {'torch int4':>18} {'dequant+GEMM':>18} {'bf16 packed':>12}")
+
+    def col(t, name):
+        return f" {'-':>18}" if not t[name] else f" {1e3 * t[name]:>10.2f} ({t[name] / t['bf16']:4.2f}x)"
+
     for rows in rows_list:
         t = totals[rows]
-        print(f"{rows:>5} {1e3 * t['int4 kernel']:>10.2f} ({t['int4 kernel'] / t['bf16']:4.2f}x)"
-              f" {1e3 * t['dequant+GEMM']:>10.2f} ({t['dequant+GEMM'] / t['bf16']:4.2f}x) {1e3 * t['bf16']:>12.2f}")
+        print(f"{rows:>5}{col(t, 'ember int4')}{col(t, 'int4 kernel')}{col(t, 'dequant+GEMM')} {1e3 * t['bf16']:>12.2f}")
