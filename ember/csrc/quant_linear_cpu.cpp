@@ -15,8 +15,8 @@
 // stored [N / 16, G, 16] so a block's 16 come in one load.
 //
 // Each output row's arithmetic is the same whatever the number of rows in the call, so a request's result
-// does not depend on what it is batched with. Many rows (prefill chunks) instead dequantize the weight to
-// bf16 in one pass and run one GEMM (oneDNN's, AMX where the CPU has it).
+// does not depend on what it is batched with. Many rows (prefill chunks, large decode batches) instead
+// dequantize the weight to bf16 in one pass and run one GEMM (oneDNN's, AMX where the CPU has it).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -227,69 +227,59 @@ void linear8_impl(const at::Tensor& x, const at::Tensor& codes, const at::Tensor
   });
 }
 
-// The weight transposed, [K, N] with row stride ld, in bf16 or fp32 (fma(q, d, m) rounded once to the output
-// dtype).
-template <typename S, typename Y>
+// One output row's 32 weights of group g, from the byte lane of a transposed block vector: low nibbles are
+// k = 0..15, high nibbles k = 16..31; fma(q, d, m) in fp32, rounded once to bf16, one 64-byte store.
+template <int L>
+inline void dequantize_lane(__m512i r, int j, __m512 dg, __m512 mg, at::BFloat16* row) {
+  const __m128i bytes = _mm512_extracti32x4_epi32(r, L);
+  const __m128i low4 = _mm_set1_epi8(0x0F);
+  const __m512i lane = _mm512_set1_epi32(4 * L + j);
+  const __m512 d = _mm512_permutexvar_ps(lane, dg), m = _mm512_permutexvar_ps(lane, mg);
+  const __m512 lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(bytes, low4))), d, m);
+  const __m512 hi = _mm512_fmadd_ps(
+      _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(bytes, 4), low4))), d, m);
+  _mm512_storeu_si512(row, _mm512_inserti64x4(_mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(lo)),
+                                              (__m256i)_mm512_cvtneps_pbh(hi), 1));
+}
+
+// The weight [N, K] in bf16, row-major (for at::linear). A block's four 64-byte vectors of a group hold, in
+// dword i, output i's codes for k = 4s..4s+3 (and 16 + ...): a 4 x 4 dword transpose within each 128-bit lane
+// gives each output's 16 bytes in one lane, in k order.
+template <typename S>
 void dequantize_impl(const at::Tensor& codes, const at::Tensor& dt, const at::Tensor& mt, at::Tensor& out) {
-  const int64_t N = codes.size(0), K = codes.size(1) * 2, groups = K / kGroup, ld = out.stride(0);
+  const int64_t N = codes.size(0), K = codes.size(1) * 2, groups = K / kGroup;
   const uint8_t* cp = codes.data_ptr<uint8_t>();
   const S* dp = dt.data_ptr<S>();
   const S* mp = mt.data_ptr<S>();
-  Y* op = out.data_ptr<Y>();
-  // lane i's byte b -> row b: vpermb index 16 * b + i <- 4 * i + b
-  alignas(64) uint8_t idx[64];
-  for (int b = 0; b < 4; ++b)
-    for (int i = 0; i < 16; ++i) idx[16 * b + i] = static_cast<uint8_t>(4 * i + b);
-  const __m512i perm = _mm512_load_si512(idx);
+  at::BFloat16* op = out.data_ptr<at::BFloat16>();
   at::parallel_for(0, N / kBlock, 1, [&](int64_t b0, int64_t b1) {
-    const __m512i low4 = _mm512_set1_epi8(0x0F);
-    for (int64_t blk = b0; blk < b1; ++blk) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const uint8_t* w = cp + b * kBlock * (K / 2);
       for (int64_t g = 0; g < groups; ++g) {
-        const __m512 dg = load16(dp + (blk * groups + g) * kBlock), mg = load16(mp + (blk * groups + g) * kBlock);
-        for (int s = 0; s < 4; ++s) {
-          const __m512i p = _mm512_loadu_si512(cp + blk * kBlock * (K / 2) + (g * 4 + s) * 64);
-          for (int h = 0; h < 2; ++h) {
-            const __m512i q = _mm512_permutexvar_epi8(perm, h ? _mm512_and_si512(_mm512_srli_epi16(p, 4), low4)
-                                                              : _mm512_and_si512(p, low4));
-            for (int b = 0; b < 4; ++b) {
-              const int64_t k = g * kGroup + 16 * h + 4 * s + b;
-              __m128i row;
-              switch (b) {
-                case 0: row = _mm512_extracti32x4_epi32(q, 0); break;
-                case 1: row = _mm512_extracti32x4_epi32(q, 1); break;
-                case 2: row = _mm512_extracti32x4_epi32(q, 2); break;
-                default: row = _mm512_extracti32x4_epi32(q, 3); break;
-              }
-              const __m512 wv = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(row)), dg, mg);
-              Y* dst = op + k * ld + blk * kBlock;
-              if constexpr (std::is_same_v<Y, float>) {
-                _mm512_storeu_ps(dst, wv);
-              } else {
-                _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), (__m256i)_mm512_cvtneps_pbh(wv));
-              }
-            }
-          }
+        const __m512i p0 = _mm512_loadu_si512(w + (g * 4 + 0) * 64), p1 = _mm512_loadu_si512(w + (g * 4 + 1) * 64);
+        const __m512i p2 = _mm512_loadu_si512(w + (g * 4 + 2) * 64), p3 = _mm512_loadu_si512(w + (g * 4 + 3) * 64);
+        const __m512i t0 = _mm512_unpacklo_epi32(p0, p1), t1 = _mm512_unpackhi_epi32(p0, p1);
+        const __m512i t2 = _mm512_unpacklo_epi32(p2, p3), t3 = _mm512_unpackhi_epi32(p2, p3);
+        const __m512i r[4] = {_mm512_unpacklo_epi64(t0, t2), _mm512_unpackhi_epi64(t0, t2),
+                              _mm512_unpacklo_epi64(t1, t3), _mm512_unpackhi_epi64(t1, t3)};  // r[j]: outputs 4L + j
+        const __m512 dg = load16(dp + (b * groups + g) * kBlock), mg = load16(mp + (b * groups + g) * kBlock);
+        at::BFloat16* base = op + b * kBlock * K + g * kGroup;
+        for (int j = 0; j < 4; ++j) {
+          dequantize_lane<0>(r[j], j, dg, mg, base + (0 + j) * K);
+          dequantize_lane<1>(r[j], j, dg, mg, base + (4 + j) * K);
+          dequantize_lane<2>(r[j], j, dg, mg, base + (8 + j) * K);
+          dequantize_lane<3>(r[j], j, dg, mg, base + (12 + j) * K);
         }
       }
     }
   });
 }
 
-at::Tensor int4_dequantize_t(const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& minimum,
-                             at::ScalarType dtype) {
+at::Tensor int4_dequantize(const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& minimum) {
   check_args(codes, scale, minimum);
-  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kFloat, "dequantize to bfloat16 or float32");
-  // rows padded by one block: a power-of-two row stride would put every row of a block's writes in one cache set
-  const int64_t N = codes.size(0);
-  at::Tensor out = at::empty({codes.size(1) * 2, N + kBlock}, codes.options().dtype(dtype)).narrow(1, 0, N);
-  const bool half = scale.scalar_type() == at::kHalf;
-  if (dtype == at::kFloat) {
-    if (half) dequantize_impl<at::Half, float>(codes, scale, minimum, out);
-    else dequantize_impl<float, float>(codes, scale, minimum, out);
-  } else {
-    if (half) dequantize_impl<at::Half, at::BFloat16>(codes, scale, minimum, out);
-    else dequantize_impl<float, at::BFloat16>(codes, scale, minimum, out);
-  }
+  at::Tensor out = at::empty({codes.size(0), codes.size(1) * 2}, codes.options().dtype(at::kBFloat16));
+  if (scale.scalar_type() == at::kHalf) dequantize_impl<at::Half>(codes, scale, minimum, out);
+  else dequantize_impl<float>(codes, scale, minimum, out);
   return out;
 }
 
@@ -298,7 +288,7 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& codes, const at::T
   check_args(codes, scale, minimum);
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(1) == codes.size(1) * 2, "x: contiguous [M, K]");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat, "x: bfloat16 or float32");
-  if (x.size(0) >= gemm_rows) return at::matmul(x, int4_dequantize_t(codes, scale, minimum, x.scalar_type()));
+  if (x.size(0) >= gemm_rows) return at::linear(x, int4_dequantize(codes, scale, minimum).to(x.scalar_type()));
   at::Tensor out = at::empty({x.size(0), codes.size(0)}, x.options());
   if (x.size(0) == 0) return out;
   const bool half = scale.scalar_type() == at::kHalf;
@@ -332,11 +322,11 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& codes, const at::T
 TORCH_LIBRARY_FRAGMENT(ember_cpu, m) {
   m.def("int8_linear(Tensor x, Tensor codes, Tensor scale) -> Tensor");
   m.def("int4_linear(Tensor x, Tensor codes, Tensor scale, Tensor minimum, int gemm_rows) -> Tensor");
-  m.def("int4_dequantize_t(Tensor codes, Tensor scale, Tensor minimum, ScalarType dtype) -> Tensor");
+  m.def("int4_dequantize(Tensor codes, Tensor scale, Tensor minimum) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(ember_cpu, CPU, m) {
   m.impl("int4_linear", &int4_linear);
   m.impl("int8_linear", &int8_linear);
-  m.impl("int4_dequantize_t", &int4_dequantize_t);
+  m.impl("int4_dequantize", &int4_dequantize);
 }
