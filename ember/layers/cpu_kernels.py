@@ -3,6 +3,8 @@
 - `ember_cpu::int4_linear` / `int4_dequantize_t` / `int8_linear` (ember/csrc/quant_linear_cpu.cpp, used by
   ember.layers.quant.int4_native and ember.layers.cpu_pack's 8-bit LM head): 4- and 8-bit codes times
   activations in two int8 digits, with AVX-512 VNNI integer dot products.
+- `ember_cpu::f32_linear` (ember/csrc/f32_linear_cpu.cpp, used by `linear`): float32 matmuls of up to 32 rows,
+  the weight read once for all of them and every row computed alike (decode and speculative verification).
 - `ember_cpu::decode_attention` / `decode_step_attention` (ember/csrc/attention_cpu.cpp, used by
   ember.layers.batched_attention and ember.layers.attention): one query token per sequence attended straight
   from the paged cache, without gathering it (a decode step's K/V write in the same call).
@@ -25,10 +27,11 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).resolve().parents[1] / "csrc" / name for name in ("quant_linear_cpu.cpp", "attention_cpu.cpp")]
+SOURCES = [Path(__file__).resolve().parents[1] / "csrc" / name for name in ("quant_linear_cpu.cpp", "attention_cpu.cpp", "f32_linear_cpu.cpp")]
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512vbmi", "f16c", "fma")
 CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512bf16", "-mavx512vbmi",
           "-mf16c", "-mfma", "-mavx2", "-fopenmp"]
+F32_MAX_ROWS = 32  # float32 linears with up to this many rows use ember_cpu::f32_linear (decode, verification)
 DISABLE_ENV = "EMBER_CPU_KERNELS"  # "0": never load them (the torch paths only; for A/B runs and debugging)
 
 
@@ -83,11 +86,27 @@ def load() -> bool:
     def _(x, codes, scale):
         return x.new_empty((x.shape[0], codes.shape[0]))
 
+    @torch.library.register_fake("ember_cpu::f32_linear")
+    def _(x, weight, bias):
+        return x.new_empty((x.shape[0], weight.shape[0]))
+
     @torch.library.register_fake("ember_cpu::decode_attention")
     def _(q, kv_cache, block_tables, seq_lens, scale, window):
         return torch.empty_like(q)
 
     return True
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, through `ember_cpu::f32_linear` for float32 on CPU with 1..F32_MAX_ROWS rows (outside a compiled
+    graph, which picks no kernel by row count). One row costs what the BLAS gemv does; 8-24 rows 0.65-0.8x the
+    BLAS call, which is what makes a float32 verification step cheap. Row-invariant: a row's result is the same
+    alone or in a batch, so plain decoding and speculative verification compute the same logits."""
+    if (x.dtype == torch.float32 and weight.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 2
+            and 0 < x.shape[0] <= F32_MAX_ROWS and weight.is_contiguous() and not torch.compiler.is_compiling()
+            and load()):
+        return torch.ops.ember_cpu.f32_linear(x, weight, bias)
+    return torch.nn.functional.linear(x, weight, bias)
 
 
 if __name__ == "__main__":  # `python -m ember.layers.cpu_kernels`: build now (make does), say whether it worked

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ember.distributed.parallel import SINGLE, ParallelContext
+from ember.layers import cpu_kernels
 from ember.layers.row_groups import grouped_matmul
 
 
@@ -48,7 +49,7 @@ class UnquantizedMethod(QuantMethod):
     """Plain `F.linear` in the model dtype (a step's prompt tails in a call of their own: ember.layers.row_groups)."""
 
     def apply(self, layer: "Linear", x: torch.Tensor) -> torch.Tensor:
-        return grouped_matmul(lambda rows: F.linear(rows, layer.weight, layer.bias), x)
+        return grouped_matmul(lambda rows: cpu_kernels.linear(rows, layer.weight, layer.bias), x)
 
 
 class Linear(nn.Module):

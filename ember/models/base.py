@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ember.distributed.parallel import SINGLE, ParallelContext
+from ember.layers import cpu_kernels
 from ember.layers.linear import Linear
 
 
@@ -82,7 +83,7 @@ class CausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """hidden [N, H] -> logits [N, V] float32. Tensor-parallel: rank 0 gets the whole vocabulary, others None."""
         if self.lm_head is None:
-            logits = F.linear(hidden, self.model.embed_tokens.weight)
+            logits = cpu_kernels.linear(hidden, self.model.embed_tokens.weight)
         else:
             logits = self.lm_head(hidden)
         if self.parallel.is_parallel:  # each rank holds a slice of the vocabulary
