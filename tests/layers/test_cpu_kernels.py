@@ -149,3 +149,21 @@ def test_decode_attention_matches_the_matmul_chain(dtype, tol, window, heads, kv
     kernel = attend_batch(q, cache, plan, head_dim ** -0.5, None, None)
     chain = attend_batch(q, cache, plan, head_dim ** -0.5, None, None, fused=False)
     assert torch.allclose(kernel.float(), chain.float(), atol=tol, rtol=0)
+
+
+# ---- float32 linears of a few rows --------------------------------------------------------------------------
+@pytest.mark.parametrize("out_f,in_f", [(96, 576), (7, 40)])  # a whole number of tiles; and tails everywhere
+def test_f32_linear_matches_float64_and_every_row_is_batch_invariant(out_f, in_f):
+    from ember.layers.cpu_kernels import F32_MAX_ROWS, linear
+
+    torch.manual_seed(0)
+    w, b = torch.randn(out_f, in_f), torch.randn(out_f)
+    x = torch.randn(F32_MAX_ROWS, in_f)
+    want = x.double() @ w.double().t() + b.double()
+    for rows in range(1, F32_MAX_ROWS + 1):
+        got = torch.ops.ember_cpu.f32_linear(x[:rows], w, b)
+        assert rel_err(got, want[:rows]) < 1e-6, rows
+        assert torch.equal(got[-1], torch.ops.ember_cpu.f32_linear(x[rows - 1:rows], w, b)[0])  # alone = in a batch
+    assert torch.equal(linear(x[:3], w, b), torch.ops.ember_cpu.f32_linear(x[:3], w, b))  # the dispatcher takes it
+    many = torch.randn(F32_MAX_ROWS + 1, in_f)
+    assert torch.equal(linear(many, w, b), torch.nn.functional.linear(many, w, b))  # past the limit: the BLAS call
