@@ -167,3 +167,36 @@ def test_f32_linear_matches_float64_and_every_row_is_batch_invariant(out_f, in_f
     assert torch.equal(linear(x[:3], w, b), torch.ops.ember_cpu.f32_linear(x[:3], w, b))  # the dispatcher takes it
     many = torch.randn(F32_MAX_ROWS + 1, in_f)
     assert torch.equal(linear(many, w, b), torch.nn.functional.linear(many, w, b))  # past the limit: the BLAS call
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.bfloat16, 2e-2)])
+def test_tree_verification_attention_matches_the_matmul_chain(dtype, tol):
+    """Speculative verification (draft trees: a random ancestor mask per request, unequal sizes, padded): the
+    batched SDPA call against the chain. It stays on SDPA: a C++ version (one task per query slot, K/V re-read
+    per slot) measured slower end to end (float32 lookahead on code: 4.07 s vs 3.84 s for 128 tokens)."""
+    from ember.layers.batched_attention import attend_batch, plan_batch
+
+    torch.manual_seed(0)
+    num_blocks, block_size, heads, kv_heads, head_dim = 40, 16, 9, 3, 64
+    cache = torch.randn(2, kv_heads, num_blocks, block_size, head_dim, dtype=dtype).permute(0, 2, 3, 1, 4)
+    q_lens, ctx = [5, 3, 6], [20, 47, 90]
+    seq_lens = [c + n for c, n in zip(ctx, q_lens)]
+    tree = torch.zeros(sum(q_lens), 6, dtype=torch.bool)
+    row = 0
+    for n in q_lens:
+        for t in range(n):
+            tree[row, t] = True  # itself
+            parent = int(torch.randint(0, t, (1,))) if t else None
+            while parent is not None:  # and its ancestors
+                tree[row, parent] = True
+                parent = int(torch.randint(0, parent, (1,))) if parent else None
+            row += 1
+    tables = torch.randperm(num_blocks)[:21].view(3, 7).int()
+    starts = [0, 5, 8, 14]
+    q = torch.randn(sum(q_lens), heads, head_dim, dtype=dtype)
+    plan = plan_batch([0, 1, 2], starts, q_lens, seq_lens, tables, block_size, tree, None, dtype, "cpu")
+    assert plan.num_queries == 6
+    kernel = attend_batch(q, cache, plan, head_dim ** -0.5, None, None)
+    chain = attend_batch(q, cache, plan, head_dim ** -0.5, None, None, fused=False)
+    real = plan.out_slots  # padding slots attend to anything finite; only real ones are compared
+    assert torch.allclose(kernel[real].float(), chain[real].float(), atol=tol, rtol=0)
