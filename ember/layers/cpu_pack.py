@@ -33,16 +33,28 @@ def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
         return False
 
 
+_lib = torch.library.Library("ember", "FRAGMENT")
+_lib.define("packed_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
+
+
 def _packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
+
+
+_lib.impl("packed_linear", _packed_linear, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("ember::packed_linear", lib=_lib)
+def _packed_linear_fake(x, weight, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))  # [..., out]
 
 
 class PackedCPUMethod(QuantMethod):
     """Unquantized bf16 matmul through a weight pre-packed for oneDNN."""
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():  # the graph calls oneDNN's op itself, no Python frame per Linear
-            return _packed_linear(x, layer.weight, layer.bias)
+        if torch.compiler.is_compiling():
+            return torch.ops.ember.packed_linear(x, layer.weight, layer.bias)
         return grouped_matmul(lambda rows: _packed_linear(rows, layer.weight, layer.bias), x)
 
 

@@ -8,10 +8,8 @@ one generated Python function. What stays opaque to the compiler:
 - paged attention, as the custom op `ember::paged_attention`: it receives the step's `AttentionMetadata`
   inside an opaque `AttentionStep` handle, so the graph never specializes on sequence lengths, block tables
   or masks (its Python plan is the eager backend's, unchanged);
-- the oneDNN-packed bf16 matmuls (ember.layers.cpu_pack): the graph calls `mkldnn::_linear_pointwise` on
-  the packed weight as it is (an earlier custom-op wrapper cost a Python frame per Linear, 5% of a bf16
-  decode step);
-- ember's C++ kernels (ember.layers.cpu_kernels): int4 and int8 matmuls.
+- the oneDNN-packed bf16 matmuls (`ember::packed_linear`, ember.layers.cpu_pack), which Inductor would
+  otherwise want as frozen constants.
 The token count is dynamic: one graph serves every batch of two or more tokens, and a specialized one the
 single-token (batch-1 decode) steps; both are compiled by `warm_up` at start-up, so no request pays for it.
 """
