@@ -26,3 +26,20 @@ def test_compiled_engine_greedy_matches_transformers_and_eager(tiny_llama_dir):
         with torch.no_grad():
             r = ref.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False, eos_token_id=None)
         assert o.token_ids == r[0, len(p):].tolist()
+
+
+def test_compiled_engine_builds_in_bf16_with_packed_linears(tiny_llama_dir):
+    """bf16 on CPU packs every Linear for oneDNN (ember.layers.cpu_pack); the graph must take those packed
+    weights. Calling `mkldnn._linear_pointwise` from the graph directly fails Inductor's lowering on a cold
+    compile, and the runner then falls back to eager with only a log line: this catches that."""
+    from ember.layers.cpu_pack import PackedCPUMethod, can_pack
+
+    if not can_pack(torch.device("cpu"), torch.bfloat16):
+        pytest.skip("oneDNN bf16 is not supported on this CPU: nothing is packed")
+    llm = LLM(str(tiny_llama_dir), dtype="bfloat16", compile=True)
+    runner = llm.engine.runner
+    assert any(isinstance(getattr(m, "quant_method", None), PackedCPUMethod) for m in runner.model.modules())
+    if runner.compiled is None:
+        pytest.fail("the compiled forward did not build (see the warning in the log)")
+    out = llm.generate([[5, 17, 900, 33, 4]], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+    assert len(out[0].token_ids) == 6
