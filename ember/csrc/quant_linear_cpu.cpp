@@ -173,15 +173,26 @@ void check_args(const at::Tensor& codes, const at::Tensor& d, const at::Tensor& 
   TORCH_CHECK(d.scalar_type() == at::kFloat || d.scalar_type() == at::kHalf, "scale: float32 or float16");
 }
 
+// A call's activations, rounded once (quantize_row, row by row) for every block of outputs to read.
+struct RoundedRows {
+  std::vector<int8_t> xq;  // [M, 2K]: first digits, then second digits, per row
+  std::vector<float> dx, sx;  // [M, G]
+  std::vector<int32_t> cx;  // [M, G]
+
+  template <typename X>
+  RoundedRows(const X* x, int64_t M, int64_t K)
+      : xq(2 * M * K), dx(M * (K / kGroup)), sx(M * (K / kGroup)), cx(M * (K / kGroup)) {
+    const int64_t groups = K / kGroup;
+    for (int64_t r = 0; r < M; ++r)
+      quantize_row(x + r * K, K, xq.data() + r * 2 * K, dx.data() + r * groups, sx.data() + r * groups,
+                   cx.data() + r * groups);
+  }
+};
+
 template <typename X, typename S>
 void linear_impl(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& dt, const at::Tensor& mt, at::Tensor& out) {
   const int64_t M = x.size(0), K = x.size(1), N = codes.size(0), groups = K / kGroup;
-  std::vector<int8_t> xq(2 * M * K);
-  std::vector<float> dx(M * groups), sx(M * groups);
-  std::vector<int32_t> cx(M * groups);
-  const X* xp = x.data_ptr<X>();
-  for (int64_t r = 0; r < M; ++r)
-    quantize_row(xp + r * K, K, xq.data() + r * 2 * K, dx.data() + r * groups, sx.data() + r * groups, cx.data() + r * groups);
+  const RoundedRows a(x.data_ptr<X>(), M, K);
   const uint8_t* cp = codes.data_ptr<uint8_t>();
   const S* dp = dt.data_ptr<S>();
   const S* mp = mt.data_ptr<S>();
@@ -193,11 +204,14 @@ void linear_impl(const at::Tensor& x, const at::Tensor& codes, const at::Tensor&
       const S* m = mp + b * groups * kBlock;
       int64_t r = 0;
       for (; r + 4 <= M; r += 4)
-        tile<4>(w, d, m, groups, xq.data() + r * 2 * K, dx.data() + r * groups, sx.data() + r * groups, K, op + r * N + b * kBlock, N);
+        tile<4>(w, d, m, groups, a.xq.data() + r * 2 * K, a.dx.data() + r * groups, a.sx.data() + r * groups, K,
+                op + r * N + b * kBlock, N);
       for (; r + 2 <= M; r += 2)
-        tile<2>(w, d, m, groups, xq.data() + r * 2 * K, dx.data() + r * groups, sx.data() + r * groups, K, op + r * N + b * kBlock, N);
+        tile<2>(w, d, m, groups, a.xq.data() + r * 2 * K, a.dx.data() + r * groups, a.sx.data() + r * groups, K,
+                op + r * N + b * kBlock, N);
       for (; r < M; ++r)
-        tile<1>(w, d, m, groups, xq.data() + r * 2 * K, dx.data() + r * groups, sx.data() + r * groups, K, op + r * N + b * kBlock, N);
+        tile<1>(w, d, m, groups, a.xq.data() + r * 2 * K, a.dx.data() + r * groups, a.sx.data() + r * groups, K,
+                op + r * N + b * kBlock, N);
     }
   });
 }
@@ -205,12 +219,7 @@ void linear_impl(const at::Tensor& x, const at::Tensor& codes, const at::Tensor&
 template <typename X>
 void linear8_impl(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& dt, at::Tensor& out) {
   const int64_t M = x.size(0), K = x.size(1), N = codes.size(0), groups = K / kGroup;
-  std::vector<int8_t> xq(2 * M * K);
-  std::vector<float> dx(M * groups), sx(M * groups);
-  std::vector<int32_t> cx(M * groups);
-  const X* xp = x.data_ptr<X>();
-  for (int64_t r = 0; r < M; ++r)
-    quantize_row(xp + r * K, K, xq.data() + r * 2 * K, dx.data() + r * groups, sx.data() + r * groups, cx.data() + r * groups);
+  const RoundedRows a(x.data_ptr<X>(), M, K);
   const uint8_t* cp = codes.data_ptr<uint8_t>();
   const float* dp = dt.data_ptr<float>();
   X* op = out.data_ptr<X>();
@@ -220,9 +229,11 @@ void linear8_impl(const at::Tensor& x, const at::Tensor& codes, const at::Tensor
       const float* d = dp + b * groups * kBlock;
       int64_t r = 0;
       for (; r + 4 <= M; r += 4)
-        tile8<4>(w, d, groups, xq.data() + r * 2 * K, dx.data() + r * groups, cx.data() + r * groups, K, op + r * N + b * kBlock, N);
+        tile8<4>(w, d, groups, a.xq.data() + r * 2 * K, a.dx.data() + r * groups, a.cx.data() + r * groups, K,
+                 op + r * N + b * kBlock, N);
       for (; r < M; ++r)
-        tile8<1>(w, d, groups, xq.data() + r * 2 * K, dx.data() + r * groups, cx.data() + r * groups, K, op + r * N + b * kBlock, N);
+        tile8<1>(w, d, groups, a.xq.data() + r * 2 * K, a.dx.data() + r * groups, a.cx.data() + r * groups, K,
+                 op + r * N + b * kBlock, N);
     }
   });
 }
