@@ -103,7 +103,7 @@ class Int4Method(QuantizedMethod):
                           "run one GEMM")
             if int4_native.load():
                 return (f"int4 (group {self.group_size}): bf16 layers use ember's VNNI kernel (4-bit codes times "
-                        f"int8-rounded activations) below {int4_native.GEMM_ROWS} rows, dequantize + GEMM from "
+                        f"activations in two int8 digits) below {int4_native.GEMM_ROWS} rows, dequantize + GEMM from "
                         f"there; float32 layers {torch_note}")
             return f"int4 (group {self.group_size}): {torch_note}"
         return super().compute_note(device)
