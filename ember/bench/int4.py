@@ -88,4 +88,5 @@ def main(args) -> None:
 
     for rows in rows_list:
         t = totals[rows]
-        print(f"{rows:>5}{col(t, 'ember int4')}{col(t, 'int4 kernel')}{col(t, 'dequant+GEMM')} {1e3 * t['bf16']:>12.2f}")
+        cols = "".join(col(t, name) for name in ("ember int4", "int4 kernel", "dequant+GEMM"))
+        print(f"{rows:>5}{cols} {1e3 * t['bf16']:>12.2f}")

@@ -27,7 +27,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).resolve().parents[1] / "csrc" / name for name in ("quant_linear_cpu.cpp", "attention_cpu.cpp", "f32_linear_cpu.cpp")]
+SOURCES = [Path(__file__).resolve().parents[1] / "csrc" / name
+           for name in ("quant_linear_cpu.cpp", "attention_cpu.cpp", "f32_linear_cpu.cpp")]
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512vbmi", "f16c", "fma")
 CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512bf16", "-mavx512vbmi",
           "-mf16c", "-mfma", "-mavx2", "-fopenmp"]

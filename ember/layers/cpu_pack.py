@@ -138,7 +138,8 @@ def pack_model_for_cpu(model: nn.Module) -> int:
     if getattr(model, "lm_head", 0) is None and embed is not None and (q8 := _q8_head(embed.weight)) is not None:
         model.lm_head = q8  # compute_logits uses lm_head when it is set
         num += 1
-    elif getattr(model, "lm_head", 0) is None and embed is not None and can_pack(embed.weight.device, embed.weight.dtype):
+    elif getattr(model, "lm_head", 0) is None and embed is not None \
+            and can_pack(embed.weight.device, embed.weight.dtype):
         rows, hidden = embed.weight.shape
         head = Linear(hidden, rows, dtype=embed.weight.dtype, device=embed.weight.device)
         head.weight = _packed(embed.weight)

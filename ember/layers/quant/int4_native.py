@@ -25,7 +25,7 @@ from ember.layers import cpu_kernels
 
 BLOCK = 16  # output rows per block of the layout (zmm lanes)
 GROUP = 32  # weights per (scale, min) in the layout
-GEMM_ROWS = 32  # from this many rows, dequantize to bf16 and run one GEMM (equal at 24 rows on SmolLM2: `ember bench int4`)
+GEMM_ROWS = 32  # from here dequantize to bf16 and run one GEMM (equal at 24 rows on SmolLM2: `ember bench int4`)
 
 
 def load() -> bool:
