@@ -52,6 +52,7 @@ def layer_shapes(model_source) -> dict[tuple[int, int], int]:
 
 
 def main(args) -> None:
+    from ember.layers import cpu_kernels
     from ember.layers.quant import int4_cpu, int4_native
 
     if args.threads:
@@ -59,7 +60,7 @@ def main(args) -> None:
     shapes = layer_shapes(args.model)
     rows_list = [int(r) for r in args.rows.split(",")]
     torch.manual_seed(0)
-    native = int4_native.load() and args.group_size % int4_native.GROUP == 0
+    native = cpu_kernels.load() and args.group_size % int4_native.GROUP == 0
     totals = {r: {"ember int4": 0.0, "int4 kernel": 0.0, "dequant+GEMM": 0.0, "bf16": 0.0} for r in rows_list}
     for (out_f, in_f), count in shapes.items():
         codes = torch.randint(0, 16, (out_f, in_f), dtype=torch.uint8)

@@ -25,8 +25,8 @@ from ember.build.int4_sources import lossless_int4_layers
 from ember.build.engine_dir import (FORMAT, FORMAT_VERSION, MANIFEST, EngineCheckpoint, file_entries,
                                     is_engine_dir, load_engine, write_weights)
 from ember.build.quality import compare_models, format_report
-from ember.layers.cpu_pack import pack_model_for_cpu
 from ember.checkpoint import load_checkpoint, resolve_checkpoint_path
+from ember.layers.cpu_pack import pack_model_for_cpu
 from ember.layers.linear import Linear
 from ember.layers.quant import QUANT_SCHEMES, QuantizedMethod, make_quant_method
 from ember.layers.quant.fp8 import FP8_MAX

@@ -55,6 +55,7 @@ class BatchPlan:
     bias: torch.Tensor | None  # [1, B, Q, 1, S] additive mask (0 / -inf); None: every position up to max_len
     seq_lens: torch.Tensor | None = None  # [B] int32 KV length of each sequence (the C++ decode kernel reads it)
     window: int | None = None  # sliding window, as the bias applies it
+    uses_kernel: bool | None = None  # whether decode calls go to the C++ kernel: decided at the first layer
 
 
 def plan_batch(seq_ids: list[int], starts: list[int], query_lens: list[int], seq_lens: list[int],
@@ -135,7 +136,9 @@ def attend_batch(q: torch.Tensor, kv_cache: torch.Tensor, plan: BatchPlan, scale
     num_kv_heads = kv_cache.shape[3]
     num_seqs, nq = plan.block_tables.shape[0], plan.num_queries
     qb = q if plan.query_index is None else q.index_select(0, plan.query_index)  # [B * Q, Hq, D]
-    if nq == 1 and fused and softcap is None and kv_scale is None and has_decode_kernel(qb, kv_cache, plan):
+    if nq == 1 and plan.uses_kernel is None:  # the same for every layer of the step: decided once
+        plan.uses_kernel = has_decode_kernel(qb, kv_cache, plan.block_tables, plan.seq_lens)
+    if nq == 1 and fused and softcap is None and kv_scale is None and plan.uses_kernel:
         return torch.ops.ember_cpu.decode_attention(qb.contiguous(), kv_cache, plan.block_tables, plan.seq_lens,
                                                     scale, plan.window or 0)
     kv = gather_kv(kv_cache, plan.block_tables)  # [2, Hk, B, S, D]
@@ -151,13 +154,16 @@ def attend_batch(q: torch.Tensor, kv_cache: torch.Tensor, plan: BatchPlan, scale
     return _attend_matmuls(qb, kv, plan, scale, softcap, num_seqs, nq)
 
 
-def has_decode_kernel(q: torch.Tensor, kv_cache: torch.Tensor, plan: BatchPlan) -> bool:
-    """Whether `ember_cpu::decode_attention` takes this call (CPU, bf16/fp32, shapes it handles)."""
+def has_decode_kernel(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                      seq_lens: torch.Tensor | None) -> bool:
+    """Whether `ember_cpu::decode_attention` takes q [B, Hq, D] over this cache, block tables [B, nblk] and
+    KV lengths [B] (CPU, bf16/fp32, the shapes and index dtypes it handles)."""
     if q.device.type != "cpu" or q.dtype not in (torch.bfloat16, torch.float32) or kv_cache.dtype != q.dtype:
         return False
-    if q.shape[-1] % 16 or q.shape[-1] > 256 or q.shape[1] // kv_cache.shape[3] > 8 or plan.seq_lens is None:
+    if q.shape[-1] % 16 or q.shape[-1] > 256 or q.shape[1] // kv_cache.shape[3] > 8:
         return False
-    if plan.block_tables.dtype != torch.int32 or plan.block_tables.stride(-1) != 1:
+    if seq_lens is None or seq_lens.dtype != torch.int32 or block_tables.dtype != torch.int32 \
+            or block_tables.stride(-1) != 1:
         return False
     return cpu_kernels.load()
 

@@ -119,27 +119,25 @@ def _q8_head(weight: torch.Tensor) -> Linear | None:
 
 def pack_model_for_cpu(model: nn.Module) -> int:
     """Repack every unquantized bf16 Linear of `model` in place (serving only: a packed weight can't be
-    read back as a plain tensor). A tied LM head gets a packed copy of the embedding. Returns how many
-    layers were packed."""
+    read back as a plain tensor). The LM head (its own, or the tied embedding's) runs on its 8-bit grid when
+    it has one; a tied one otherwise gets a packed copy of the embedding. Returns how many layers were packed."""
     num = 0
-    head = getattr(model, "lm_head", None)
+    head = getattr(model, "lm_head", 0)
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
     if isinstance(head, Linear) and type(head.quant_method) is UnquantizedMethod and head.bias is None:
-        q8 = _q8_head(head.weight)
-        if q8 is not None:
-            model.lm_head = q8
-            num += 1
+        head_weight = head.weight
+    else:
+        head_weight = embed.weight if head is None and embed is not None else None
+    if head_weight is not None and (q8 := _q8_head(head_weight)) is not None:
+        model.lm_head = q8  # compute_logits uses lm_head when it is set
+        num += 1
     for module in model.modules():
         if isinstance(module, Linear) and type(module.quant_method) is UnquantizedMethod \
                 and can_pack(module.weight.device, module.weight.dtype):
             module.weight = _packed(module.weight)
             module.quant_method = PackedCPUMethod()
             num += 1
-    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
-    if getattr(model, "lm_head", 0) is None and embed is not None and (q8 := _q8_head(embed.weight)) is not None:
-        model.lm_head = q8  # compute_logits uses lm_head when it is set
-        num += 1
-    elif getattr(model, "lm_head", 0) is None and embed is not None \
-            and can_pack(embed.weight.device, embed.weight.dtype):
+    if getattr(model, "lm_head", 0) is None and embed is not None and can_pack(embed.weight.device, embed.weight.dtype):
         rows, hidden = embed.weight.shape
         head = Linear(hidden, rows, dtype=embed.weight.dtype, device=embed.weight.device)
         head.weight = _packed(embed.weight)

@@ -5,15 +5,17 @@ Stored: `weight` uint8 [out, in/2] (two 4-bit codes q in 0..15 per byte, low nib
 the grid of llama.cpp's Q4_1 (and Q4_0 and Q4_K's 32-weight sub-blocks, which are special cases of it), so an
 engine built from such a GGUF keeps the file's codes, scales and mins exactly (`ember.build.gguf_int4`).
 
-Compute: on CPU the codes are repacked once at load into the layout of torch's int4 kernels (replacing the
-portable copy, so memory stays at half a byte per weight) and each call picks a kernel by its number of rows
-(`ember.layers.quant.int4_cpu`); elsewhere dequantize-and-matmul.
+Compute: on CPU the codes are repacked once at load into a kernel's layout (replacing the portable copy, so
+memory stays at half a byte per weight): ember's own VNNI kernel for bf16 layers where the CPU and a compiler
+allow (`ember.layers.quant.int4_native`), torch's int4 kernels otherwise (`ember.layers.quant.int4_cpu`); each
+call picks its path by its number of rows. Elsewhere dequantize-and-matmul.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ember.layers import cpu_kernels
 from ember.layers.linear import Linear
 from ember.layers.quant import int4_cpu, int4_native
 from ember.layers.quant.base import QuantizedMethod, pack_nibbles, unpack_nibbles
@@ -101,7 +103,7 @@ class Int4Method(QuantizedMethod):
             torch_note = (f"torch._weight_int4pack_mm_for_cpu (4-bit weights read directly) up to "
                           f"{int4_cpu.MAX_GEMV_ROWS} rows, larger batches dequantize to the activation dtype and "
                           "run one GEMM")
-            if int4_native.load():
+            if cpu_kernels.load():
                 return (f"int4 (group {self.group_size}): bf16 layers use ember's VNNI kernel (4-bit codes times "
                         f"activations in two int8 digits) below {int4_native.GEMM_ROWS} rows, dequantize + GEMM from "
                         f"there; float32 layers {torch_note}")

@@ -28,13 +28,9 @@ GROUP = 32  # weights per (scale, min) in the layout
 GEMM_ROWS = 32  # from here dequantize to bf16 and run one GEMM (equal at 24 rows on SmolLM2: `ember bench int4`)
 
 
-def load() -> bool:
-    return cpu_kernels.load()
-
-
 def supports(dtype: torch.dtype, out_features: int, in_features: int, group_size: int) -> bool:
     return (dtype == torch.bfloat16 and out_features % BLOCK == 0 and in_features % 64 == 0
-            and group_size % GROUP == 0 and load())
+            and group_size % GROUP == 0 and cpu_kernels.load())
 
 
 @dataclass
