@@ -5,6 +5,9 @@
   activations in two int8 digits, with AVX-512 VNNI integer dot products.
 - `ember_cpu::f32_linear` (ember/csrc/f32_linear_cpu.cpp, used by `linear`): float32 matmuls of up to 32 rows,
   the weight read once for all of them and every row computed alike (decode and speculative verification).
+- `ember_cpu::bf16_linear` (ember/csrc/bf16_linear_cpu.cpp, used by ember.layers.cpu_pack): bf16 matmuls of any
+  number of rows on AMX tiles, the weight laid out once as AMX's B operand (CPUs with AMX only;
+  `amx_available()`).
 - `ember_cpu::decode_attention` / `decode_step_attention` (ember/csrc/attention_cpu.cpp, used by
   ember.layers.batched_attention and ember.layers.attention): one query token per sequence attended straight
   from the paged cache, without gathering it (a decode step's K/V write in the same call).
@@ -28,10 +31,10 @@ import torch
 logger = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).resolve().parents[1] / "csrc" / name
-           for name in ("quant_linear_cpu.cpp", "attention_cpu.cpp", "f32_linear_cpu.cpp")]
+           for name in ("quant_linear_cpu.cpp", "attention_cpu.cpp", "f32_linear_cpu.cpp", "bf16_linear_cpu.cpp")]
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512vbmi", "f16c", "fma")
 CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512bf16", "-mavx512vbmi",
-          "-mf16c", "-mfma", "-mavx2", "-fopenmp"]
+          "-mf16c", "-mfma", "-mavx2", "-mamx-tile", "-mamx-bf16", "-fopenmp"]
 F32_MAX_ROWS = 32  # float32 linears with up to this many rows use ember_cpu::f32_linear (decode, verification)
 DISABLE_ENV = "EMBER_CPU_KERNELS"  # "0": never load them (the torch paths only; for A/B runs and debugging)
 
@@ -87,6 +90,10 @@ def load() -> bool:
     def _(x, codes, scale):
         return x.new_empty((x.shape[0], codes.shape[0]))
 
+    @torch.library.register_fake("ember_cpu::bf16_linear")
+    def _(x, weight, bias):
+        return x.new_empty((x.shape[0], weight.shape[0]))
+
     @torch.library.register_fake("ember_cpu::f32_linear")
     def _(x, weight, bias):
         return x.new_empty((x.shape[0], weight.shape[0]))
@@ -96,6 +103,12 @@ def load() -> bool:
         return torch.empty_like(q)
 
     return True
+
+
+@functools.cache
+def amx_available() -> bool:
+    """The kernels are loaded and this CPU and OS let ember_cpu::bf16_linear use AMX tiles."""
+    return load() and bool(torch.ops.ember_cpu.bf16_amx_available())
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

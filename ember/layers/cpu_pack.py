@@ -1,11 +1,13 @@
-"""bf16 linear layers on CPU, repacked once into oneDNN's blocked weight layout; an LM head whose weights
+"""bf16 linear layers on CPU, laid out once at load time for the kernel that runs them; an LM head whose weights
 lie on an 8-bit grid runs in 8 bits.
 
-`F.linear` on a plain bf16 weight re-lays the weight out inside oneDNN on every call; a weight packed
-once at load time skips that, which roughly doubles matrix-vector speed (batch-1 decode is nothing but
-matrix-vector products). The packed kernel gives bit-identical results to `F.linear` and, like it,
-computes each row independently of the rest of the batch. fp32 is left on `F.linear`: oneDNN's packed
-fp32 kernel changes rounding with the batch size, and batch invariance matters more than its speed.
+`F.linear` on a plain bf16 weight re-lays the weight out inside oneDNN on every call. Where the CPU has AMX
+(and ember's kernels built), each weight is laid out as AMX's B operand (`tile_bf16`) and runs
+`ember_cpu::bf16_linear` (ember/csrc/bf16_linear_cpu.cpp): a batch-1 decode step streams the weights at ~1.6x
+oneDNN's packed gemv, a 64-row batch in 0.7x its time, and every row's result is independent of its batch.
+Elsewhere the weight is repacked into oneDNN's blocked layout, which roughly doubles matrix-vector speed over
+`F.linear` and gives bit-identical results to it. fp32 is left on `F.linear` (and ember_cpu::f32_linear for
+few rows): oneDNN's packed fp32 kernel changes rounding with the batch size.
 
 The LM head is the largest matrix a decode step reads (SmolLM2: 56 MB of its 110). When its weights came from
 an 8-bit source, GGUF's Q8_0 (the default model's embedding is), every 32 of them are already d * q with q in
@@ -56,6 +58,33 @@ class PackedCPUMethod(QuantMethod):
         if torch.compiler.is_compiling():
             return torch.ops.ember.packed_linear(x, layer.weight, layer.bias)
         return grouped_matmul(lambda rows: _packed_linear(rows, layer.weight, layer.bias), x)
+
+
+class AMXMethod(QuantMethod):
+    """Unquantized bf16 matmul on AMX tiles (`ember_cpu::bf16_linear`), the weight in `tile_bf16`'s layout."""
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        return torch.ops.ember_cpu.bf16_linear(x2, layer.weight, layer.bias).view(*shape[:-1], -1)
+
+
+def can_tile(weight: torch.Tensor) -> bool:
+    """`weight` [N, K] can run on AMX tiles: bf16 on a CPU with AMX, N a multiple of 16 and K of 32."""
+    return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and weight.dim() == 2
+            and weight.shape[0] % 16 == 0 and weight.shape[1] % 32 == 0 and cpu_kernels.amx_available())
+
+
+def tile_bf16(weight: torch.Tensor) -> torch.Tensor:
+    """[N, K] -> the same values as AMX B tiles, [N / 16][K / 32][16 k-pairs][16 outputs][2], viewed as [N, K]:
+    each 1 KB tile (16 outputs x 32 k) contiguous, two consecutive k of an output side by side."""
+    n, k = weight.shape
+    return weight.detach().reshape(n // 16, 16, k // 32, 16, 2).permute(0, 2, 3, 1, 4).contiguous().view(n, k)
+
+
+def _amx_layer(layer: Linear, weight: torch.Tensor) -> None:
+    layer.weight = nn.Parameter(tile_bf16(weight), requires_grad=False)
+    layer.quant_method = AMXMethod()
 
 
 def _packed(weight: torch.Tensor) -> nn.Parameter:
@@ -117,10 +146,23 @@ def _q8_head(weight: torch.Tensor) -> Linear | None:
     return head
 
 
+def _relay(layer: Linear, weight: torch.Tensor) -> bool:
+    """Give `layer` `weight` in the layout of the fastest bf16 CPU kernel that takes it; False if none does."""
+    if can_tile(weight):
+        _amx_layer(layer, weight)
+    elif can_pack(weight.device, weight.dtype):
+        layer.weight = _packed(weight)
+        layer.quant_method = PackedCPUMethod()
+    else:
+        return False
+    return True
+
+
 def pack_model_for_cpu(model: nn.Module) -> int:
-    """Repack every unquantized bf16 Linear of `model` in place (serving only: a packed weight can't be
-    read back as a plain tensor). The LM head (its own, or the tied embedding's) runs on its 8-bit grid when
-    it has one; a tied one otherwise gets a packed copy of the embedding. Returns how many layers were packed."""
+    """Re-lay every unquantized bf16 Linear of `model` in place, for AMX tiles where it can run on them
+    (`can_tile`), for oneDNN otherwise (serving only: neither layout reads back as a plain weight). The LM head
+    (its own, or the tied embedding's) runs on its 8-bit grid when it has one; a tied one otherwise gets a
+    re-laid copy of the embedding. Returns how many layers were re-laid."""
     num = 0
     head = getattr(model, "lm_head", 0)
     embed = getattr(getattr(model, "model", None), "embed_tokens", None)
@@ -132,16 +174,12 @@ def pack_model_for_cpu(model: nn.Module) -> int:
         model.lm_head = q8  # compute_logits uses lm_head when it is set
         num += 1
     for module in model.modules():
-        if isinstance(module, Linear) and type(module.quant_method) is UnquantizedMethod \
-                and can_pack(module.weight.device, module.weight.dtype):
-            module.weight = _packed(module.weight)
-            module.quant_method = PackedCPUMethod()
-            num += 1
-    if getattr(model, "lm_head", 0) is None and embed is not None and can_pack(embed.weight.device, embed.weight.dtype):
+        if isinstance(module, Linear) and type(module.quant_method) is UnquantizedMethod:
+            num += _relay(module, module.weight)
+    if getattr(model, "lm_head", 0) is None and embed is not None:
         rows, hidden = embed.weight.shape
         head = Linear(hidden, rows, dtype=embed.weight.dtype, device=embed.weight.device)
-        head.weight = _packed(embed.weight)
-        head.quant_method = PackedCPUMethod()
-        model.lm_head = head  # compute_logits uses lm_head when it is set
-        num += 1
+        if _relay(head, embed.weight):
+            model.lm_head = head  # compute_logits uses lm_head when it is set
+            num += 1
     return num

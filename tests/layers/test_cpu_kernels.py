@@ -132,6 +132,28 @@ def test_tied_8bit_head_replaces_the_packed_bf16_copy():
 
 
 # ---- decode attention ---------------------------------------------------------------------------------------
+# ---- bf16 linears on AMX tiles --------------------------------------------------------------------------------
+@pytest.mark.skipif(not cpu_kernels.amx_available(), reason="this CPU (or its kernel) gives no AMX")
+@pytest.mark.parametrize("out_f,in_f", [(1728, 576), (48, 1536), (16, 32)])  # 4-tile groups; a 3-tile group; one
+def test_bf16_amx_linear_matches_float64_and_every_row_is_batch_invariant(out_f, in_f):
+    from ember.layers.cpu_pack import tile_bf16
+
+    torch.manual_seed(0)
+    w, b = (torch.randn(out_f, in_f) * in_f ** -0.5).bfloat16(), torch.randn(out_f).bfloat16()
+    x = torch.randn(70, in_f).bfloat16()
+    want = x.double() @ w.double().t() + b.double()
+    tiled = tile_bf16(w)
+    full = torch.ops.ember_cpu.bf16_linear(x, tiled, b)
+    # bf16 output: half an ulp of rounding (2^-9 relative) on top of the fp32 sum's error
+    torch.testing.assert_close(full.double(), want, rtol=2 ** -8, atol=1e-3)
+    no_bias = torch.ops.ember_cpu.bf16_linear(x, tiled, None)
+    torch.testing.assert_close(no_bias.double(), want - b.double(), rtol=2 ** -8, atol=1e-3)
+    for rows in (1, 2, 15, 16, 17, 33, 64, 70):  # one row, partial and whole 16-row blocks
+        part = torch.ops.ember_cpu.bf16_linear(x[:rows], tiled, b)
+        assert torch.equal(part, full[:rows]), rows  # a row's result does not depend on its batch
+    assert torch.equal(torch.ops.ember_cpu.bf16_linear(x[69:70], tiled, b), full[69:70])
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("window", [None, 7])
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (8, 1, 128), (4, 4, 32)])

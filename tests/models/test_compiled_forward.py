@@ -28,17 +28,25 @@ def test_compiled_engine_greedy_matches_transformers_and_eager(tiny_llama_dir):
         assert o.token_ids == r[0, len(p):].tolist()
 
 
-def test_compiled_engine_builds_in_bf16_with_packed_linears(tiny_llama_dir):
-    """bf16 on CPU packs every Linear for oneDNN (ember.layers.cpu_pack); the graph must take those packed
-    weights. Calling `mkldnn._linear_pointwise` from the graph directly fails Inductor's lowering on a cold
-    compile, and the runner then falls back to eager with only a log line: this catches that."""
-    from ember.layers.cpu_pack import PackedCPUMethod, can_pack
+@pytest.mark.parametrize("kernel", ["amx", "onednn"])
+def test_compiled_engine_builds_in_bf16_with_packed_linears(tiny_llama_dir, kernel, monkeypatch):
+    """bf16 on CPU re-lays every Linear for its kernel (ember.layers.cpu_pack: AMX tiles, or oneDNN's packed
+    layout); the graph must take those weights. Calling `mkldnn._linear_pointwise` from the graph directly fails
+    Inductor's lowering on a cold compile, and the runner then falls back to eager with only a log line: this
+    catches that."""
+    from ember.layers import cpu_kernels
+    from ember.layers.cpu_pack import AMXMethod, PackedCPUMethod, can_pack
 
-    if not can_pack(torch.device("cpu"), torch.bfloat16):
-        pytest.skip("oneDNN bf16 is not supported on this CPU: nothing is packed")
+    if kernel == "amx" and not cpu_kernels.amx_available():
+        pytest.skip("this CPU (or its kernel) gives no AMX")
+    if kernel == "onednn":
+        if not can_pack(torch.device("cpu"), torch.bfloat16):
+            pytest.skip("oneDNN bf16 is not supported on this CPU: nothing is packed")
+        monkeypatch.setattr("ember.layers.cpu_pack.can_tile", lambda w: False)
     llm = LLM(str(tiny_llama_dir), dtype="bfloat16", compile=True)
     runner = llm.engine.runner
-    assert any(isinstance(getattr(m, "quant_method", None), PackedCPUMethod) for m in runner.model.modules())
+    method = AMXMethod if kernel == "amx" else PackedCPUMethod
+    assert any(isinstance(getattr(m, "quant_method", None), method) for m in runner.model.modules())
     if runner.compiled is None:
         pytest.fail("the compiled forward did not build (see the warning in the log)")
     out = llm.generate([[5, 17, 900, 33, 4]], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
