@@ -3,8 +3,8 @@
 For each number of rows it times, over every distinct (out, in) of the model's quantizable Linears: ember's int4
 kernel (ember.layers.quant.int4_native, where this CPU has it: codes times activations in two int8 digits,
 dequantize + GEMM from `GEMM_ROWS` rows), torch's int4 kernel, dequantize + GEMM (the two paths
-`ember.layers.quant.int4_cpu` chooses between elsewhere) and the bf16 packed oneDNN matmul an unquantized
-engine runs; the sum over one forward's Linears is printed as a ratio to bf16. This is where
+`ember.layers.quant.int4_cpu` chooses between elsewhere) and the bf16 matmul an unquantized engine runs
+(ember.layers.cpu_pack: AMX tiles where the CPU has them, else oneDNN's packed weight); the sum over one forward's Linears is printed as a ratio to bf16. This is where
 `int4_cpu.MAX_GEMV_ROWS` and `int4_native.GEMM_ROWS` come from.
 """
 
@@ -13,6 +13,17 @@ from __future__ import annotations
 import time
 
 import torch
+
+
+def _bf16_matmul(dense: torch.Tensor):
+    """x -> x @ dense.T the way a bf16 engine's Linear runs it on this CPU."""
+    from ember.layers import cpu_pack
+
+    if cpu_pack.can_tile(dense):
+        tiled = cpu_pack.tile_bf16(dense)
+        return lambda x: torch.ops.ember_cpu.bf16_linear(x, tiled, None)
+    packed = torch.ops.mkldnn._reorder_linear_weight(dense, 1)
+    return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
 
 
 def add_args(p) -> None:
@@ -67,7 +78,7 @@ def main(args) -> None:
         scale = torch.rand(out_f, in_f // args.group_size) * 0.01
         kernel = int4_cpu.Int4CPUKernel.create(codes, scale, -8 * scale, args.group_size, torch.bfloat16)
         dense = kernel.dequantize(torch.bfloat16)
-        packed = torch.ops.mkldnn._reorder_linear_weight(dense, 1)
+        bf16 = _bf16_matmul(dense)
         ours = int4_native.NativeInt4Kernel.create(codes, scale, -8 * scale, args.group_size) \
             if native and out_f % int4_native.BLOCK == 0 and in_f % 64 == 0 else None
         for rows in rows_list:
@@ -78,11 +89,10 @@ def main(args) -> None:
             t["int4 kernel"] += count * _time(lambda: torch._weight_int4pack_mm_for_cpu(
                 x, kernel.packed, args.group_size, kernel.scale_zero), args.repeats)
             t["dequant+GEMM"] += count * _time(lambda: x @ kernel.dequantize_t(torch.bfloat16), args.repeats)
-            t["bf16"] += count * _time(lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""),
-                                       args.repeats)
+            t["bf16"] += count * _time(lambda: bf16(x), args.repeats)
     print(f"one forward's Linears ({sum(shapes.values())} of {len(shapes)} shapes), {torch.get_num_threads()} "
           f"threads; ms, and the ratio to bf16 (lower is faster); MAX_GEMV_ROWS = {int4_cpu.MAX_GEMV_ROWS}")
-    print(f"{'rows':>5} {'ember int4':>18} {'torch int4':>18} {'dequant+GEMM':>18} {'bf16 packed':>12}")
+    print(f"{'rows':>5} {'ember int4':>18} {'torch int4':>18} {'dequant+GEMM':>18} {'bf16 engine':>12}")
 
     def col(t, name):
         return f" {'-':>18}" if not t[name] else f" {1e3 * t[name]:>10.2f} ({t[name] / t['bf16']:4.2f}x)"

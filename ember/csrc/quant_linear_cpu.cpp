@@ -28,6 +28,11 @@
 #include <cmath>
 #include <vector>
 
+namespace ember_amx {  // amx_linear_cpu.cpp
+bool available();
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& minimum);
+}  // namespace ember_amx
+
 namespace {
 
 constexpr int64_t kBlock = 16;  // outputs per block (zmm lanes)
@@ -299,7 +304,10 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& codes, const at::T
   check_args(codes, scale, minimum);
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(1) == codes.size(1) * 2, "x: contiguous [M, K]");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat, "x: bfloat16 or float32");
-  if (x.size(0) >= gemm_rows) return at::linear(x, int4_dequantize(codes, scale, minimum).to(x.scalar_type()));
+  if (x.size(0) >= gemm_rows) {
+    if (x.scalar_type() == at::kBFloat16 && ember_amx::available()) return ember_amx::int4_linear(x, codes, scale, minimum);
+    return at::linear(x, int4_dequantize(codes, scale, minimum).to(x.scalar_type()));
+  }
   at::Tensor out = at::empty({x.size(0), codes.size(0)}, x.options());
   if (x.size(0) == 0) return out;
   const bool half = scale.scalar_type() == at::kHalf;

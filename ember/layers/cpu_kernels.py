@@ -5,7 +5,7 @@
   activations in two int8 digits, with AVX-512 VNNI integer dot products.
 - `ember_cpu::f32_linear` (ember/csrc/f32_linear_cpu.cpp, used by `linear`): float32 matmuls of up to 32 rows,
   the weight read once for all of them and every row computed alike (decode and speculative verification).
-- `ember_cpu::bf16_linear` (ember/csrc/bf16_linear_cpu.cpp, used by ember.layers.cpu_pack): bf16 matmuls of any
+- `ember_cpu::bf16_linear` (ember/csrc/amx_linear_cpu.cpp, used by ember.layers.cpu_pack): bf16 matmuls of any
   number of rows on AMX tiles, the weight laid out once as AMX's B operand (CPUs with AMX only;
   `amx_available()`).
 - `ember_cpu::decode_attention` / `decode_step_attention` (ember/csrc/attention_cpu.cpp, used by
@@ -31,7 +31,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).resolve().parents[1] / "csrc" / name
-           for name in ("quant_linear_cpu.cpp", "attention_cpu.cpp", "f32_linear_cpu.cpp", "bf16_linear_cpu.cpp")]
+           for name in ("quant_linear_cpu.cpp", "attention_cpu.cpp", "f32_linear_cpu.cpp", "amx_linear_cpu.cpp")]
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512vbmi", "f16c", "fma")
 CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512bf16", "-mavx512vbmi",
           "-mf16c", "-mfma", "-mavx2", "-mamx-tile", "-mamx-bf16", "-fopenmp"]

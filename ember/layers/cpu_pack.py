@@ -3,7 +3,7 @@ lie on an 8-bit grid runs in 8 bits.
 
 `F.linear` on a plain bf16 weight re-lays the weight out inside oneDNN on every call. Where the CPU has AMX
 (and ember's kernels built), each weight is laid out as AMX's B operand (`tile_bf16`) and runs
-`ember_cpu::bf16_linear` (ember/csrc/bf16_linear_cpu.cpp): a batch-1 decode step streams the weights at ~1.6x
+`ember_cpu::bf16_linear` (ember/csrc/amx_linear_cpu.cpp): a batch-1 decode step streams the weights at ~1.6x
 oneDNN's packed gemv, a 64-row batch in 0.7x its time, and every row's result is independent of its batch.
 Elsewhere the weight is repacked into oneDNN's blocked layout, which roughly doubles matrix-vector speed over
 `F.linear` and gives bit-identical results to it. fp32 is left on `F.linear` (and ember_cpu::f32_linear for

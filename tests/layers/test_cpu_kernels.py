@@ -62,6 +62,27 @@ def test_int4_kernel_rows_do_not_depend_on_their_batch():
         assert torch.equal(kernel.matmul(x[i:i + 1]), batch[i:i + 1])
 
 
+@pytest.mark.skipif(not cpu_kernels.amx_available(), reason="this CPU (or its kernel) gives no AMX")
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.float32])
+def test_int4_amx_gemm_equals_bf16_matmul_on_the_dequantized_weight(scale_dtype):
+    """From GEMM_ROWS rows, bf16 activations run on AMX with the weight dequantized into tiles in cache: the
+    same weights as ember_cpu::int4_dequantize, rows independent of their batch."""
+    from ember.layers.quant.int4_native import NativeInt4Kernel
+
+    torch.manual_seed(0)
+    codes = torch.randint(0, 16, (112, 96), dtype=torch.uint8)  # 7 blocks of 16 outputs: groups of 4 and of 3
+    scale = (torch.rand(112, 3) * 0.01).to(scale_dtype)
+    kernel = NativeInt4Kernel.create(codes, scale, -7 * scale, 32)
+    dense = torch.ops.ember_cpu.int4_dequantize(kernel.packed, kernel.scale, kernel.minimum)
+    x = torch.randn(40, 96, dtype=torch.bfloat16)
+    full = torch.ops.ember_cpu.int4_linear(x, kernel.packed, kernel.scale, kernel.minimum, 0)  # always the GEMM
+    want = x.double() @ dense.double().t()
+    assert rel_err(full, want) < 2 ** -8
+    for rows in (1, 16, 17, 33):
+        assert torch.equal(torch.ops.ember_cpu.int4_linear(x[:rows], kernel.packed, kernel.scale, kernel.minimum, 0),
+                           full[:rows]), rows
+
+
 def test_int4_activation_outliers_keep_their_group_precise():
     """One value 1000x the others in a group: a single int8 digit would round the rest to 0 (llama.cpp's Q8
     activations lose them); the second digit keeps them."""

@@ -106,7 +106,7 @@ class Int4Method(QuantizedMethod):
             if cpu_kernels.load():
                 return (f"int4 (group {self.group_size}): bf16 layers use ember's VNNI kernel (4-bit codes times "
                         f"activations in two int8 digits) below {int4_native.GEMM_ROWS} rows, dequantize + GEMM from "
-                        f"there; float32 layers {torch_note}")
+                        f"there (into AMX tiles where the CPU has them); float32 layers {torch_note}")
             return f"int4 (group {self.group_size}): {torch_note}"
         return super().compute_note(device)
 

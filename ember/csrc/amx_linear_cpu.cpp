@@ -85,8 +85,11 @@ inline void amx_tile(const uint16_t* a, int64_t lda, const uint16_t* w, int64_t 
                 out + m * N + t * kBlockN);
 }
 
-void amx(const uint16_t* w, const uint16_t* x, int64_t M, int64_t N, int64_t K, const float* bias,
-         at::BFloat16* out) {
+// out = x @ w.T over 4-block groups of outputs (64 each), split across threads; `weights(nb0, nt, buf)` gives
+// blocks nb0 .. nb0 + nt - 1 in the tile layout, either in place (bf16) or dequantized into `buf` (int4).
+template <typename Weights>
+void amx(const uint16_t* x, int64_t M, int64_t N, int64_t K, const float* bias, at::BFloat16* out,
+         const Weights& weights, int64_t buf_size) {
   const int64_t Mb = (M + 15) / 16, Nb = N / kBlockN, groups = (Nb + 3) / 4;
   // the last, partial block of rows is read from a zero-padded copy (a tile load reads all 16 rows)
   std::vector<uint16_t> tail;
@@ -97,9 +100,10 @@ void amx(const uint16_t* w, const uint16_t* x, int64_t M, int64_t N, int64_t K, 
   at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
     load_config();
     alignas(64) float scratch[4 * 256];
+    std::vector<uint16_t> buf(buf_size);
     for (int64_t g = g0; g < g1; ++g) {
       const int64_t nb0 = g * 4, nt = std::min<int64_t>(4, Nb - nb0);
-      const uint16_t* wg = w + nb0 * kBlockN * K;
+      const uint16_t* wg = weights(nb0, nt, buf.data());
       const float* bg = bias ? bias + nb0 * kBlockN : nullptr;
       for (int64_t mb = 0; mb < Mb; ++mb) {
         const bool partial = mb == Mb - 1 && M % 16;
@@ -118,6 +122,54 @@ void amx(const uint16_t* w, const uint16_t* x, int64_t M, int64_t N, int64_t K, 
   });
 }
 
+// ---- int4 weights, dequantized into tiles -------------------------------------------------------------------
+// ember.layers.quant.int4_native's layout: per block of 16 outputs and group g of 32 k, four 64-byte vectors
+// s; lane i's 4 bytes hold output i's codes at k = 32 g + 4 s + b in their low nibbles and 32 g + 16 + 4 s + b
+// in their high ones. A lane's bytes 0, 1 (and 2, 3) are one k-pair: one dword of a tile row. w = fma(q, d, m)
+// in fp32, rounded once to bf16, as ember_cpu::int4_dequantize does.
+
+inline __m512 load_scale(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load_scale(const at::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+// 16 outputs' (even, odd) codes -> one tile row: dword i = (bf16 w_even, bf16 w_odd)
+inline void pair_row(__m512i even, __m512i odd, __m512 d, __m512 m, __m512i interleave, uint16_t* row) {
+  const __m512 fe = _mm512_fmadd_ps(_mm512_cvtepi32_ps(even), d, m);
+  const __m512 fo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(odd), d, m);
+  const __m512i both = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(fo, fe));  // [even 0..15, odd 0..15]
+  _mm512_storeu_si512(row, _mm512_permutexvar_epi16(interleave, both));
+}
+
+template <typename S>
+void int4_tiles(const uint8_t* codes, const S* d, const S* m, int64_t K, int64_t nb0, int64_t nt, uint16_t* dst) {
+  const int64_t groups = K / kBlockK;
+  alignas(64) int16_t idx[32];
+  for (int i = 0; i < 16; ++i) { idx[2 * i] = static_cast<int16_t>(i); idx[2 * i + 1] = static_cast<int16_t>(16 + i); }
+  const __m512i interleave = _mm512_load_si512(idx);
+  const __m512i low4 = _mm512_set1_epi8(0x0F), byte = _mm512_set1_epi32(0xFF);
+  for (int64_t t = 0; t < nt; ++t) {
+    const int64_t b = nb0 + t;
+    const uint8_t* w = codes + b * kBlockN * (K / 2);
+    for (int64_t g = 0; g < groups; ++g) {
+      const __m512 dg = load_scale(d + (b * groups + g) * kBlockN), mg = load_scale(m + (b * groups + g) * kBlockN);
+      uint16_t* tile = dst + (t * groups + g) * kTile;
+      for (int s = 0; s < 4; ++s) {
+        const __m512i p = _mm512_loadu_si512(w + (g * 4 + s) * 64);
+        const __m512i half[2] = {_mm512_and_si512(p, low4), _mm512_and_si512(_mm512_srli_epi16(p, 4), low4)};
+        for (int h = 0; h < 2; ++h) {
+          const __m512i q = half[h];
+          uint16_t* row = tile + (8 * h + 2 * s) * 32;  // k-pairs 8h + 2s and 8h + 2s + 1
+          pair_row(_mm512_and_si512(q, byte), _mm512_and_si512(_mm512_srli_epi32(q, 8), byte), dg, mg, interleave,
+                   row);
+          pair_row(_mm512_and_si512(_mm512_srli_epi32(q, 16), byte), _mm512_srli_epi32(q, 24), dg, mg, interleave,
+                   row + 32);
+        }
+      }
+    }
+  }
+}
+
 at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "x: bfloat16 [M, K]");
   TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kBFloat16 && weight.size(1) == x.size(1),
@@ -134,13 +186,42 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& weight, const std:
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>());
   const float* bp = bc.defined() ? bc.data_ptr<float>() : nullptr;
   at::BFloat16* op = out.data_ptr<at::BFloat16>();
-  amx(wp, xp, M, N, K, bp, op);
+  amx(xp, M, N, K, bp, op, [&](int64_t nb0, int64_t, uint16_t*) { return wp + nb0 * kBlockN * K; }, 0);
   return out;
 }
 
 bool bf16_amx_available() { return amx_permitted(); }
 
 }  // namespace
+
+namespace ember_amx {
+
+bool available() { return amx_permitted(); }
+
+// x (bf16 [M, K]) @ the int4 weight (codes [N, K/2] in int4_native's layout, scale and min [N/16, K/32, 16])
+// dequantized into tiles 64 outputs at a time: for prefill chunks and decode batches, where the dequantization,
+// done once per call in cache, costs less than a GEMM on a bf16 copy (which must be written and read again).
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
+                       const at::Tensor& minimum) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.is_contiguous() && amx_permitted(), "int4 on AMX: bf16 x");
+  const int64_t M = x.size(0), K = x.size(1), N = codes.size(0);
+  at::Tensor out = at::empty({M, N}, x.options());
+  if (M == 0) return out;
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+  const uint8_t* cp = codes.data_ptr<uint8_t>();
+  at::BFloat16* op = out.data_ptr<at::BFloat16>();
+  const auto run = [&](auto* dp, auto* mp) {
+    amx(xp, M, N, K, nullptr, op, [&](int64_t nb0, int64_t nt, uint16_t* buf) {
+      int4_tiles(cp, dp, mp, K, nb0, nt, buf);
+      return static_cast<const uint16_t*>(buf);
+    }, 4 * kBlockN * K);
+  };
+  if (scale.scalar_type() == at::kHalf) run(scale.data_ptr<at::Half>(), minimum.data_ptr<at::Half>());
+  else run(scale.data_ptr<float>(), minimum.data_ptr<float>());
+  return out;
+}
+
+}  // namespace ember_amx
 
 TORCH_LIBRARY_FRAGMENT(ember_cpu, m) {
   m.def("bf16_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
