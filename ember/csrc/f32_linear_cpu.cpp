@@ -15,6 +15,7 @@
 namespace {
 
 constexpr int kOut = 4;  // weight rows per tile
+constexpr int64_t kMaxRows = 32;  // more rows: the BLAS call (ember.layers.cpu_kernels.F32_MAX_ROWS)
 
 template <int NB, int R>
 inline void tile(const float* const* w, const float* x, int64_t K, const float* bias, float* out, int64_t ldo) {
@@ -63,6 +64,8 @@ at::Tensor f32_linear(const at::Tensor& x, const at::Tensor& weight, const std::
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x: float32 [M, K]");
   TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat && weight.size(1) == x.size(1),
               "weight: float32 [N, K]");
+  // a compiled graph calls this op whatever the (dynamic) row count; past kMaxRows the BLAS GEMM is faster
+  if (x.size(0) > kMaxRows) return at::linear(x, weight, bias.has_value() ? *bias : at::Tensor());
   const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
   const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);

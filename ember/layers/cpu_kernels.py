@@ -35,7 +35,8 @@ SOURCES = [Path(__file__).resolve().parents[1] / "csrc" / name
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512vbmi", "f16c", "fma")
 CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512bf16", "-mavx512vbmi",
           "-mf16c", "-mfma", "-mavx2", "-mamx-tile", "-mamx-bf16", "-fopenmp"]
-F32_MAX_ROWS = 32  # float32 linears with up to this many rows use ember_cpu::f32_linear (decode, verification)
+F32_MAX_ROWS = 32  # float32 linears with up to this many rows use ember_cpu::f32_linear (its kMaxRows)
+LOADED = False  # load() succeeded: read by code a compiled graph traces, which must not run load() itself
 DISABLE_ENV = "EMBER_CPU_KERNELS"  # "0": never load them (the torch paths only; for A/B runs and debugging)
 
 
@@ -82,6 +83,9 @@ def load() -> bool:
         logger.warning("ember CPU kernels could not be built (%s); torch paths only", str(e).splitlines()[0])
         return False
 
+    global LOADED
+    LOADED = True
+
     @torch.library.register_fake("ember_cpu::int4_linear")
     def _(x, codes, scale, minimum, gemm_rows):
         return x.new_empty((x.shape[0], codes.shape[0]))
@@ -112,14 +116,18 @@ def amx_available() -> bool:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, through `ember_cpu::f32_linear` for float32 on CPU with 1..F32_MAX_ROWS rows (outside a compiled
-    graph, which picks no kernel by row count). One row costs what the BLAS gemv does; 8-24 rows 0.65-0.8x the
-    BLAS call, which is what makes a float32 verification step cheap. Row-invariant: a row's result is the same
-    alone or in a batch, so plain decoding and speculative verification compute the same logits."""
+    """F.linear, through `ember_cpu::f32_linear` for float32 on CPU with 1..F32_MAX_ROWS rows. One row costs what
+    the BLAS gemv does; 8-24 rows 0.65-0.8x the BLAS call, which is what makes a float32 verification step cheap.
+    Row-invariant: a row's result is the same alone or in a batch, so plain decoding and speculative verification
+    compute the same logits. In a compiled graph the row count is dynamic: the op is always called and picks
+    the BLAS call itself past F32_MAX_ROWS."""
     if (x.dtype == torch.float32 and weight.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 2
-            and 0 < x.shape[0] <= F32_MAX_ROWS and weight.is_contiguous() and not torch.compiler.is_compiling()
-            and load()):
-        return torch.ops.ember_cpu.f32_linear(x, weight, bias)
+            and weight.is_contiguous()):
+        if torch.compiler.is_compiling():  # the runner loaded (or failed to load) the kernels before compiling
+            if LOADED:
+                return torch.ops.ember_cpu.f32_linear(x, weight, bias)
+        elif 0 < x.shape[0] <= F32_MAX_ROWS and load():
+            return torch.ops.ember_cpu.f32_linear(x, weight, bias)
     return torch.nn.functional.linear(x, weight, bias)
 
 

@@ -23,6 +23,7 @@ import torch
 from torch._library.opaque_object import get_opaque_type_name, register_opaque_type
 from torch._opaque_base import OpaqueBase
 
+from ember.layers import cpu_kernels
 from ember.layers.attention import AttentionBackend, AttentionMetadata, build_attention_metadata
 
 logger = logging.getLogger(__name__)
@@ -93,6 +94,7 @@ class CompiledForward:
         self.decoder = model.model
         self.backend = next(m.backend for m in model.modules() if isinstance(getattr(m, "backend", None),
                                                                              AttentionBackend))
+        cpu_kernels.load()  # before tracing: the graph reads cpu_kernels.LOADED (float32 Linears), never load()
         self.body = torch.compile(self.decoder.body, fullgraph=True, dynamic=False)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],

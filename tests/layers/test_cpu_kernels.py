@@ -210,6 +210,8 @@ def test_f32_linear_matches_float64_and_every_row_is_batch_invariant(out_f, in_f
     assert torch.equal(linear(x[:3], w, b), torch.ops.ember_cpu.f32_linear(x[:3], w, b))  # the dispatcher takes it
     many = torch.randn(F32_MAX_ROWS + 1, in_f)
     assert torch.equal(linear(many, w, b), torch.nn.functional.linear(many, w, b))  # past the limit: the BLAS call
+    # the op itself too (a compiled graph calls it at every row count)
+    assert torch.equal(torch.ops.ember_cpu.f32_linear(many, w, b), torch.nn.functional.linear(many, w, b))
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.bfloat16, 2e-2)])
