@@ -1,12 +1,15 @@
-// bf16 x @ w.T with AMX tiles (Sapphire Rapids and later), on a weight laid out once at load time as AMX's
-// B operand: w [N, K] -> [N / 16][K / 32][16 pairs][16 outputs][2] (`ember.layers.cpu_pack.tile_bf16`), so each
+// Matmuls on AMX tiles (Sapphire Rapids and later) for bf16 activations: bf16 weights (`ember_cpu::bf16_linear`)
+// and int4 weights dequantized tile by tile (`ember_amx::int4_linear`, called by ember_cpu::int4_linear from
+// int4_native.GEMM_ROWS rows).
+//
+// bf16: the weight is laid out once at load time as AMX's B operand: w [N, K] -> [N / 16][K / 32][16 pairs][16 outputs][2] (`ember.layers.cpu_pack.tile_bf16`), so each
 // 1 KB tile of 16 outputs x 32 k is contiguous and the weight is one sequential stream.
 //
 // A = 16 activation rows x 32 k, loaded straight from x (a partial last block from a zero-padded copy); each
 // A tile is multiplied by up to 4 weight tiles into four 16 x 16 fp32 accumulators (16 rows x 64 outputs),
 // then rounded to bf16 with the bias added. One row or hundreds, the same code: a decode step (one row, memory-
 // bound) streams the weight at ~24 GB/s on this machine where oneDNN's packed bf16 gemv reached ~15, and a
-// 64-row decode batch takes 0.7x oneDNN's time (`ember bench bf16`).
+// 64-row decode batch takes 0.7x oneDNN's time.
 //
 // Every output is the same chain of tile products over k in fp32, whatever the other rows of the call: a row's
 // result does not depend on its batch (tested), unlike a GEMM library that picks its blocking by shape.
@@ -85,11 +88,14 @@ inline void amx_tile(const uint16_t* a, int64_t lda, const uint16_t* w, int64_t 
                 out + m * N + t * kBlockN);
 }
 
-// out = x @ w.T over 4-block groups of outputs (64 each), split across threads; `weights(nb0, nt, buf)` gives
-// blocks nb0 .. nb0 + nt - 1 in the tile layout, either in place (bf16) or dequantized into `buf` (int4).
-template <typename Weights>
-void amx(const uint16_t* x, int64_t M, int64_t N, int64_t K, const float* bias, at::BFloat16* out,
-         const Weights& weights, int64_t buf_size) {
+// x is taken 512 rows (32 blocks of 16) at a time, so a chunk of it stays in L2 while every output block of a
+// thread passes over it: with all of a 2048-row prefill chunk at once, x was read from memory again for every
+// group of outputs, and the GEMM took twice oneDNN's time (now 1.0-1.2x of it; at 512 rows and less, 0.6-1.0x).
+constexpr int64_t kChunkBlocks = 32;
+
+// out = x @ w.T over 4-block groups of outputs (64 each), split across threads
+void amx(const uint16_t* w, const uint16_t* x, int64_t M, int64_t N, int64_t K, const float* bias,
+         at::BFloat16* out) {
   const int64_t Mb = (M + 15) / 16, Nb = N / kBlockN, groups = (Nb + 3) / 4;
   // the last, partial block of rows is read from a zero-padded copy (a tile load reads all 16 rows)
   std::vector<uint16_t> tail;
@@ -100,12 +106,13 @@ void amx(const uint16_t* x, int64_t M, int64_t N, int64_t K, const float* bias, 
   at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
     load_config();
     alignas(64) float scratch[4 * 256];
-    std::vector<uint16_t> buf(buf_size);
+    // rows in chunks of kChunkRows, so that a chunk of x stays in L2 while every output group passes over it
+    for (int64_t c0 = 0; c0 < Mb; c0 += kChunkBlocks)
     for (int64_t g = g0; g < g1; ++g) {
       const int64_t nb0 = g * 4, nt = std::min<int64_t>(4, Nb - nb0);
-      const uint16_t* wg = weights(nb0, nt, buf.data());
+      const uint16_t* wg = w + nb0 * kBlockN * K;
       const float* bg = bias ? bias + nb0 * kBlockN : nullptr;
-      for (int64_t mb = 0; mb < Mb; ++mb) {
+      for (int64_t mb = c0; mb < std::min(Mb, c0 + kChunkBlocks); ++mb) {
         const bool partial = mb == Mb - 1 && M % 16;
         const uint16_t* a = partial ? tail.data() : x + mb * 16 * K;
         const int64_t rows = partial ? M % 16 : 16;
@@ -141,33 +148,102 @@ inline void pair_row(__m512i even, __m512i odd, __m512 d, __m512 m, __m512i inte
   _mm512_storeu_si512(row, _mm512_permutexvar_epi16(interleave, both));
 }
 
+// One 1 KB tile: block w (16 outputs' codes, all groups), group g, scales d and mins m of the block.
 template <typename S>
-void int4_tiles(const uint8_t* codes, const S* d, const S* m, int64_t K, int64_t nb0, int64_t nt, uint16_t* dst) {
-  const int64_t groups = K / kBlockK;
+inline void int4_tile(const uint8_t* w, const S* d, const S* m, int64_t g, __m512i interleave, uint16_t* tile) {
+  const __m512i low4 = _mm512_set1_epi8(0x0F), byte = _mm512_set1_epi32(0xFF);
+  const __m512 dg = load_scale(d + g * kBlockN), mg = load_scale(m + g * kBlockN);
+  for (int s = 0; s < 4; ++s) {
+    const __m512i p = _mm512_loadu_si512(w + (g * 4 + s) * 64);
+    const __m512i half[2] = {_mm512_and_si512(p, low4), _mm512_and_si512(_mm512_srli_epi16(p, 4), low4)};
+    for (int h = 0; h < 2; ++h) {
+      const __m512i q = half[h];
+      uint16_t* row = tile + (8 * h + 2 * s) * 32;  // k-pairs 8h + 2s and 8h + 2s + 1
+      pair_row(_mm512_and_si512(q, byte), _mm512_and_si512(_mm512_srli_epi32(q, 8), byte), dg, mg, interleave, row);
+      pair_row(_mm512_and_si512(_mm512_srli_epi32(q, 16), byte), _mm512_srli_epi32(q, 24), dg, mg, interleave,
+               row + 32);
+    }
+  }
+}
+
+inline __m512i pair_interleave() {
   alignas(64) int16_t idx[32];
   for (int i = 0; i < 16; ++i) { idx[2 * i] = static_cast<int16_t>(i); idx[2 * i + 1] = static_cast<int16_t>(16 + i); }
-  const __m512i interleave = _mm512_load_si512(idx);
-  const __m512i low4 = _mm512_set1_epi8(0x0F), byte = _mm512_set1_epi32(0xFF);
-  for (int64_t t = 0; t < nt; ++t) {
-    const int64_t b = nb0 + t;
-    const uint8_t* w = codes + b * kBlockN * (K / 2);
-    for (int64_t g = 0; g < groups; ++g) {
-      const __m512 dg = load_scale(d + (b * groups + g) * kBlockN), mg = load_scale(m + (b * groups + g) * kBlockN);
-      uint16_t* tile = dst + (t * groups + g) * kTile;
-      for (int s = 0; s < 4; ++s) {
-        const __m512i p = _mm512_loadu_si512(w + (g * 4 + s) * 64);
-        const __m512i half[2] = {_mm512_and_si512(p, low4), _mm512_and_si512(_mm512_srli_epi16(p, 4), low4)};
-        for (int h = 0; h < 2; ++h) {
-          const __m512i q = half[h];
-          uint16_t* row = tile + (8 * h + 2 * s) * 32;  // k-pairs 8h + 2s and 8h + 2s + 1
-          pair_row(_mm512_and_si512(q, byte), _mm512_and_si512(_mm512_srli_epi32(q, 8), byte), dg, mg, interleave,
-                   row);
-          pair_row(_mm512_and_si512(_mm512_srli_epi32(q, 16), byte), _mm512_srli_epi32(q, 24), dg, mg, interleave,
-                   row + 32);
+  return _mm512_load_si512(idx);
+}
+
+// One block of 16 outputs times MT blocks of 16 rows (a[j]), over all of K. On the first pass over the rows
+// (`dequantize`) each k-step's weight tile is dequantized into wbuf just before its tile products, so the
+// vector work of the next tile overlaps the AMX work of this one; later passes (more than 64 rows) reuse wbuf.
+template <int MT, typename S>
+inline void int4_block(const uint16_t* const* a, int64_t K, const uint8_t* w, const S* d, const S* m, bool dequantize,
+                       uint16_t* wbuf, const int64_t* rows, at::BFloat16* const* out, int64_t N, float* scratch) {
+  const int64_t Kb = K / kBlockK, lda = K * 2;
+  const __m512i interleave = pair_interleave();
+  _tile_zero(0);
+  if constexpr (MT > 1) _tile_zero(1);
+  if constexpr (MT > 2) _tile_zero(2);
+  if constexpr (MT > 3) _tile_zero(3);
+  for (int64_t kb = 0; kb < Kb; ++kb) {
+    uint16_t* t = wbuf + kb * kTile;
+    if (dequantize) int4_tile(w, d, m, kb, interleave, t);
+    _tile_loadd(4, t, 64);
+    _tile_loadd(5, a[0] + kb * kBlockK, lda);
+    _tile_dpbf16ps(0, 5, 4);
+    if constexpr (MT > 1) { _tile_loadd(6, a[1] + kb * kBlockK, lda); _tile_dpbf16ps(1, 6, 4); }
+    if constexpr (MT > 2) { _tile_loadd(7, a[2] + kb * kBlockK, lda); _tile_dpbf16ps(2, 7, 4); }
+    if constexpr (MT > 3) { _tile_loadd(5, a[3] + kb * kBlockK, lda); _tile_dpbf16ps(3, 5, 4); }
+  }
+  _tile_stored(0, scratch, 64);
+  if constexpr (MT > 1) _tile_stored(1, scratch + 256, 64);
+  if constexpr (MT > 2) _tile_stored(2, scratch + 512, 64);
+  if constexpr (MT > 3) _tile_stored(3, scratch + 768, 64);
+  for (int j = 0; j < MT; ++j)
+    for (int64_t r = 0; r < rows[j]; ++r) store_row(_mm512_load_ps(scratch + j * 256 + r * 16), nullptr, out[j] + r * N);
+}
+
+template <typename S>
+void int4_amx(const uint16_t* x, int64_t M, int64_t N, int64_t K, const uint8_t* codes, const S* d, const S* m,
+              at::BFloat16* out) {
+  const int64_t Mb = (M + 15) / 16, groups = K / kBlockK;
+  std::vector<uint16_t> tail;  // the last, partial block of rows, zero-padded (a tile load reads 16 rows)
+  if (M % 16) {
+    tail.assign(16 * K, 0);
+    std::memcpy(tail.data(), x + (Mb - 1) * 16 * K, (M % 16) * K * 2);
+  }
+  at::parallel_for(0, N / kBlockN, 1, [&](int64_t b0, int64_t b1) {
+    load_config();
+    alignas(64) float scratch[4 * 256];
+    std::vector<uint16_t> wbuf(groups * kTile);
+    for (int64_t c0 = 0; c0 < Mb; c0 += kChunkBlocks) {  // a chunk of rows, each block dequantized once in it
+      const int64_t c1 = std::min(Mb, c0 + kChunkBlocks);
+      for (int64_t b = b0; b < b1; ++b) {
+        const uint8_t* w = codes + b * kBlockN * (K / 2);
+        const S* db = d + b * groups * kBlockN;
+        const S* mb = m + b * groups * kBlockN;
+        for (int64_t mg = c0; mg < c1; mg += 4) {
+          const int64_t mt = std::min<int64_t>(4, c1 - mg);
+          const uint16_t* a[4];
+          int64_t rows[4];
+          at::BFloat16* o[4];
+          for (int64_t j = 0; j < mt; ++j) {
+            const bool partial = mg + j == Mb - 1 && M % 16;
+            a[j] = partial ? tail.data() : x + (mg + j) * 16 * K;
+            rows[j] = partial ? M % 16 : 16;
+            o[j] = out + (mg + j) * 16 * N + b * kBlockN;
+          }
+          const bool first = mg == c0;
+          switch (mt) {
+            case 4: int4_block<4>(a, K, w, db, mb, first, wbuf.data(), rows, o, N, scratch); break;
+            case 3: int4_block<3>(a, K, w, db, mb, first, wbuf.data(), rows, o, N, scratch); break;
+            case 2: int4_block<2>(a, K, w, db, mb, first, wbuf.data(), rows, o, N, scratch); break;
+            default: int4_block<1>(a, K, w, db, mb, first, wbuf.data(), rows, o, N, scratch); break;
+          }
         }
       }
     }
-  }
+    _tile_release();
+  });
 }
 
 at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
@@ -186,7 +262,7 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& weight, const std:
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>());
   const float* bp = bc.defined() ? bc.data_ptr<float>() : nullptr;
   at::BFloat16* op = out.data_ptr<at::BFloat16>();
-  amx(xp, M, N, K, bp, op, [&](int64_t nb0, int64_t, uint16_t*) { return wp + nb0 * kBlockN * K; }, 0);
+  amx(wp, xp, M, N, K, bp, op);
   return out;
 }
 
@@ -198,9 +274,10 @@ namespace ember_amx {
 
 bool available() { return amx_permitted(); }
 
-// x (bf16 [M, K]) @ the int4 weight (codes [N, K/2] in int4_native's layout, scale and min [N/16, K/32, 16])
-// dequantized into tiles 64 outputs at a time: for prefill chunks and decode batches, where the dequantization,
-// done once per call in cache, costs less than a GEMM on a bf16 copy (which must be written and read again).
+// x (bf16 [M, K]) @ the int4 weight (codes [N, K/2] in int4_native's layout, scale and min [N/16, K/32, 16]),
+// each 1 KB weight tile dequantized in cache just before its tile products (int4_block): for prefill chunks and
+// decode batches, where a GEMM on a bf16 copy would write the copy and read it back, and oneDNN would re-lay
+// it out on every call.
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
                        const at::Tensor& minimum) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.is_contiguous() && amx_permitted(), "int4 on AMX: bf16 x");
@@ -210,14 +287,8 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& codes, const at::T
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
   const uint8_t* cp = codes.data_ptr<uint8_t>();
   at::BFloat16* op = out.data_ptr<at::BFloat16>();
-  const auto run = [&](auto* dp, auto* mp) {
-    amx(xp, M, N, K, nullptr, op, [&](int64_t nb0, int64_t nt, uint16_t* buf) {
-      int4_tiles(cp, dp, mp, K, nb0, nt, buf);
-      return static_cast<const uint16_t*>(buf);
-    }, 4 * kBlockN * K);
-  };
-  if (scale.scalar_type() == at::kHalf) run(scale.data_ptr<at::Half>(), minimum.data_ptr<at::Half>());
-  else run(scale.data_ptr<float>(), minimum.data_ptr<float>());
+  if (scale.scalar_type() == at::kHalf) int4_amx(xp, M, N, K, cp, scale.data_ptr<at::Half>(), minimum.data_ptr<at::Half>(), op);
+  else int4_amx(xp, M, N, K, cp, scale.data_ptr<float>(), minimum.data_ptr<float>(), op);
   return out;
 }
 

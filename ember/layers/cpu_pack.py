@@ -61,7 +61,8 @@ class PackedCPUMethod(QuantMethod):
 
 
 class AMXMethod(QuantMethod):
-    """Unquantized bf16 matmul on AMX tiles (`ember_cpu::bf16_linear`), the weight in `tile_bf16`'s layout."""
+    """Unquantized bf16 matmul on AMX tiles (`ember_cpu::bf16_linear`), the weight in `tile_bf16`'s layout. Rows
+    are independent of their batch at every row count, so no tail grouping (ember.layers.row_groups) is needed."""
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

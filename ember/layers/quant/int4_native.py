@@ -8,9 +8,9 @@ does 64 multiply-adds an instruction: one forward's Linears of SmolLM2 take 1.54
 torch's kernel, 10.8 vs 19.8 at 16 rows (`ember bench int4`). One digit per activation (llama.cpp's Q8
 activations) cost +1.1% perplexity on the default model; two (x ~ dx (x1 + x2 / 256)) keep the activations
 more precisely than bf16 does, for twice the integer dot products. The min term uses the exact activation
-sums. From GEMM_ROWS rows the weight is dequantized instead: where the CPU has AMX, 64 outputs at a time into
-AMX tiles in cache (ember/csrc/amx_linear_cpu.cpp; one forward's Linears at 64 rows 0.50 ms vs 0.75 for a bf16
-copy through oneDNN's GEMM), elsewhere to a bf16 copy in one pass for oneDNN. float32 engines keep torch's
+sums. From GEMM_ROWS rows the weight is dequantized instead: where the CPU has AMX, tile by tile in cache, each
+just before its tile products (ember/csrc/amx_linear_cpu.cpp; one layer's Linears of SmolLM2 at 64 rows 0.31 ms
+vs 0.75 for a bf16 copy through oneDNN's GEMM), elsewhere to a bf16 copy in one pass for oneDNN. float32 engines keep torch's
 kernel, which is exact to fp32.
 
 The kernel is built and loaded by ember.layers.cpu_kernels; where it cannot be, int4 layers use torch's
@@ -27,7 +27,7 @@ from ember.layers import cpu_kernels
 
 BLOCK = 16  # output rows per block of the layout (zmm lanes)
 GROUP = 32  # weights per (scale, min) in the layout
-GEMM_ROWS = 16  # from here dequantize and run a GEMM (AMX: equal at ~12 rows on SmolLM2, `ember bench int4`)
+GEMM_ROWS = 8  # from here dequantize and run a GEMM (AMX: equal at 8 rows on SmolLM2, `ember bench int4`)
 
 
 def supports(dtype: torch.dtype, out_features: int, in_features: int, group_size: int) -> bool:
