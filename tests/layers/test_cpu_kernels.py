@@ -216,9 +216,9 @@ def test_f32_linear_matches_float64_and_every_row_is_batch_invariant(out_f, in_f
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.bfloat16, 2e-2)])
 def test_tree_verification_attention_matches_the_matmul_chain(dtype, tol):
-    """Speculative verification (draft trees: a random ancestor mask per request, unequal sizes, padded): the
-    batched SDPA call against the chain. It stays on SDPA: a C++ version (one task per query slot, K/V re-read
-    per slot) measured slower end to end (float32 lookahead on code: 4.07 s vs 3.84 s for 128 tokens)."""
+    """Speculative verification (draft trees: a random ancestor mask per request, unequal sizes, padded):
+    ember_cpu::masked_attention, straight from the paged cache with the plan's mask, against the chain over
+    the gathered K/V."""
     from ember.layers.batched_attention import attend_batch, plan_batch
 
     torch.manual_seed(0)
@@ -242,6 +242,7 @@ def test_tree_verification_attention_matches_the_matmul_chain(dtype, tol):
     plan = plan_batch([0, 1, 2], starts, q_lens, seq_lens, tables, block_size, tree, None, dtype, "cpu")
     assert plan.num_queries == 6
     kernel = attend_batch(q, cache, plan, head_dim ** -0.5, None, None)
+    assert plan.uses_kernel and plan.visible is not None  # the C++ kernel ran, not SDPA
     chain = attend_batch(q, cache, plan, head_dim ** -0.5, None, None, fused=False)
     real = plan.out_slots  # padding slots attend to anything finite; only real ones are compared
     assert torch.allclose(kernel[real].float(), chain[real].float(), atol=tol, rtol=0)
