@@ -4,7 +4,8 @@ For each number of rows it times, over every distinct (out, in) of the model's q
 kernel (ember.layers.quant.int4_native, where this CPU has it: codes times activations in two int8 digits,
 dequantize + GEMM from `GEMM_ROWS` rows), torch's int4 kernel, dequantize + GEMM (the two paths
 `ember.layers.quant.int4_cpu` chooses between elsewhere) and the bf16 matmul an unquantized engine runs
-(ember.layers.cpu_pack: AMX tiles where the CPU has them, else oneDNN's packed weight); the sum over one forward's Linears is printed as a ratio to bf16. This is where
+(ember.layers.cpu_pack: AMX tiles where the CPU has them, else oneDNN's packed weight); the sum over one
+forward's Linears is printed as a ratio to bf16. This is where
 `int4_cpu.MAX_GEMV_ROWS` and `int4_native.GEMM_ROWS` come from.
 """
 

@@ -2,7 +2,8 @@
 // and int4 weights dequantized tile by tile (`ember_amx::int4_linear`, called by ember_cpu::int4_linear from
 // int4_native.GEMM_ROWS rows).
 //
-// bf16: the weight is laid out once at load time as AMX's B operand: w [N, K] -> [N / 16][K / 32][16 pairs][16 outputs][2] (`ember.layers.cpu_pack.tile_bf16`), so each
+// bf16: the weight is laid out once at load time as AMX's B operand: w [N, K] -> [N / 16][K / 32][16 pairs]
+// [16 outputs][2] (`ember.layers.cpu_pack.tile_bf16`), so each
 // 1 KB tile of 16 outputs x 32 k is contiguous and the weight is one sequential stream.
 //
 // A = 16 activation rows x 32 k, loaded straight from x (a partial last block from a zero-padded copy); each
@@ -199,7 +200,8 @@ inline void int4_block(const uint16_t* const* a, int64_t K, const uint8_t* w, co
   if constexpr (MT > 2) _tile_stored(2, scratch + 512, 64);
   if constexpr (MT > 3) _tile_stored(3, scratch + 768, 64);
   for (int j = 0; j < MT; ++j)
-    for (int64_t r = 0; r < rows[j]; ++r) store_row(_mm512_load_ps(scratch + j * 256 + r * 16), nullptr, out[j] + r * N);
+    for (int64_t r = 0; r < rows[j]; ++r)
+      store_row(_mm512_load_ps(scratch + j * 256 + r * 16), nullptr, out[j] + r * N);
 }
 
 template <typename S>
@@ -287,7 +289,8 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& codes, const at::T
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
   const uint8_t* cp = codes.data_ptr<uint8_t>();
   at::BFloat16* op = out.data_ptr<at::BFloat16>();
-  if (scale.scalar_type() == at::kHalf) int4_amx(xp, M, N, K, cp, scale.data_ptr<at::Half>(), minimum.data_ptr<at::Half>(), op);
+  if (scale.scalar_type() == at::kHalf)
+    int4_amx(xp, M, N, K, cp, scale.data_ptr<at::Half>(), minimum.data_ptr<at::Half>(), op);
   else int4_amx(xp, M, N, K, cp, scale.data_ptr<float>(), minimum.data_ptr<float>(), op);
   return out;
 }

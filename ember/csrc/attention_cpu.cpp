@@ -221,7 +221,8 @@ void masked_impl(const at::Tensor& q, const at::Tensor& cache, const at::Tensor&
         }
         const __m512 inv = _mm512_maskz_div_ps(_mm512_cmp_ps_mask(sum, _mm512_setzero_ps(), _CMP_GT_OQ),
                                                _mm512_set1_ps(1.0f), sum);
-        for (int64_t j = 0; j < n; ++j) _mm512_storeu_ps(col + j * Rp, _mm512_mul_ps(_mm512_loadu_ps(col + j * Rp), inv));
+        for (int64_t j = 0; j < n; ++j)
+          _mm512_storeu_ps(col + j * Rp, _mm512_mul_ps(_mm512_loadu_ps(col + j * Rp), inv));
       }
       for (int64_t c = 0; c < nc; ++c) {  // out^T[d][r] = sum_j v[j][d] p[j][r], 8 d at a time
         for (int64_t d0 = 0; d0 < D; d0 += 8) {
@@ -299,12 +300,14 @@ at::Tensor masked_attention(const at::Tensor& q, const at::Tensor& cache, const 
               "block_tables: int32 [B, nblk], rows contiguous");
   const int64_t B = block_tables.size(0);
   TORCH_CHECK(B > 0 && q.size(0) % B == 0, "q: B * Q rows");
-  TORCH_CHECK(seq_lens.scalar_type() == at::kInt && seq_lens.is_contiguous() && seq_lens.numel() == B, "seq_lens: int32 [B]");
+  TORCH_CHECK(seq_lens.scalar_type() == at::kInt && seq_lens.is_contiguous() && seq_lens.numel() == B,
+              "seq_lens: int32 [B]");
   TORCH_CHECK(visible.scalar_type() == at::kByte && visible.is_contiguous() && visible.dim() == 3 &&
               visible.size(0) == B && visible.size(1) == q.size(0) / B, "visible: uint8 [B, Q, S]");
   at::Tensor out = at::empty_like(q);
   if (q.scalar_type() == at::kFloat) masked_impl<float>(q, cache, block_tables, seq_lens, visible, scale, out);
-  else if (q.scalar_type() == at::kBFloat16) masked_impl<at::BFloat16>(q, cache, block_tables, seq_lens, visible, scale, out);
+  else if (q.scalar_type() == at::kBFloat16)
+    masked_impl<at::BFloat16>(q, cache, block_tables, seq_lens, visible, scale, out);
   else TORCH_CHECK(false, "q: float32 or bfloat16");
   return out;
 }

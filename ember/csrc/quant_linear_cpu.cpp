@@ -30,7 +30,8 @@
 
 namespace ember_amx {  // amx_linear_cpu.cpp
 bool available();
-at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& minimum);
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale,
+                       const at::Tensor& minimum);
 }  // namespace ember_amx
 
 namespace {

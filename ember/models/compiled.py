@@ -8,8 +8,8 @@ one generated Python function. What stays opaque to the compiler:
 - paged attention, as the custom op `ember::paged_attention`: it receives the step's `AttentionMetadata`
   inside an opaque `AttentionStep` handle, so the graph never specializes on sequence lengths, block tables
   or masks (its Python plan is the eager backend's, unchanged);
-- the oneDNN-packed bf16 matmuls (`ember::packed_linear`, ember.layers.cpu_pack), which Inductor would
-  otherwise want as frozen constants.
+- the re-laid bf16 matmuls (`ember_cpu::bf16_linear` on AMX tiles, or `ember::packed_linear` for oneDNN's
+  packed weights; ember.layers.cpu_pack), which Inductor would otherwise want as frozen constants.
 The token count is dynamic: one graph serves every batch of two or more tokens, and a specialized one the
 single-token (batch-1 decode) steps; both are compiled by `warm_up` at start-up, so no request pays for it.
 """

@@ -77,7 +77,7 @@ class ModelRunner:
                           if parallel.is_parallel else model_cls(checkpoint.hf_config, dtype=dtype, device=device))
         self.model.load_weights(checkpoint.iter_weights())
         self.model.eval()
-        pack_model_for_cpu(self.model)  # bf16 on CPU: weights in oneDNN's layout, ~2x faster matrix-vector
+        pack_model_for_cpu(self.model)  # bf16 on CPU: weights laid out for AMX tiles (or oneDNN without AMX)
         if is_deterministic:  # every matmul as fixed-shape calls (attention: ember.layers.invariant_attention)
             tiles = make_batch_invariant(self.model, dtype)
             logger.info("ember.deterministic: batch-invariant matmuls (row tile: layers) %s", tiles)

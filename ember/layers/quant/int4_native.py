@@ -10,8 +10,8 @@ activations) cost +1.1% perplexity on the default model; two (x ~ dx (x1 + x2 / 
 more precisely than bf16 does, for twice the integer dot products. The min term uses the exact activation
 sums. From GEMM_ROWS rows the weight is dequantized instead: where the CPU has AMX, tile by tile in cache, each
 just before its tile products (ember/csrc/amx_linear_cpu.cpp; one layer's Linears of SmolLM2 at 64 rows 0.31 ms
-vs 0.75 for a bf16 copy through oneDNN's GEMM), elsewhere to a bf16 copy in one pass for oneDNN. float32 engines keep torch's
-kernel, which is exact to fp32.
+vs 0.75 for a bf16 copy through oneDNN's GEMM), elsewhere to a bf16 copy in one pass for oneDNN. float32
+engines keep torch's kernel, which is exact to fp32.
 
 The kernel is built and loaded by ember.layers.cpu_kernels; where it cannot be, int4 layers use torch's
 kernel and say so in the engine's compute note.
