@@ -184,6 +184,9 @@ async def _detokenize(state: ServerState, request: Request) -> Response:
     return JSONResponse(dump(DetokenizeResponse(prompt=state.tokenizer.decode(req.tokens))))
 
 
+KEEP_ALIVE_S = 65  # seconds an idle HTTP/1.1 connection is kept open
+
+
 def build_server(app: FastAPI, host: str | None = None, port: int | None = None, **uvicorn_kwargs) -> EmberServer:
     state: ServerState = app.state.ember
     s = state.settings
@@ -192,6 +195,10 @@ def build_server(app: FastAPI, host: str | None = None, port: int | None = None,
         host=host or s.host,
         port=port if port is not None else s.port,
         timeout_graceful_shutdown=DRAIN_GRACE_S,  # after ember's own drain of drain_timeout_s (EmberServer.drain)
+        # Idle keep-alive connections stay open longer than a load balancer's or a client pool's idle timeout
+        # (60 s is common): with uvicorn's 5 s, a client reusing a connection just as the server closed it got
+        # a connection error (seen once in CI: one of 49 requests of a batch, with the client's retries off).
+        timeout_keep_alive=KEEP_ALIVE_S,
         lifespan="on",
         # The stdlib event loop and the h11 parser whether or not uvloop/httptools are installed (Ray Serve's
         # extra brings both): ember's streaming, disconnect and abort paths are tested on these, and with
