@@ -94,16 +94,29 @@ inline void amx_tile(const uint16_t* a, int64_t lda, const uint16_t* w, int64_t 
 // group of outputs, and the GEMM took twice oneDNN's time (now 1.0-1.2x of it; at 512 rows and less, 0.6-1.0x).
 constexpr int64_t kChunkBlocks = 32;
 
+// x's rows in blocks of 16, the A tiles' height. A tile load reads all 16 rows, so a last, partial block is
+// read from a zero-padded copy.
+struct RowBlocks {
+  const uint16_t* x;
+  int64_t M, K, count;
+  std::vector<uint16_t> tail;
+
+  RowBlocks(const uint16_t* x, int64_t M, int64_t K) : x(x), M(M), K(K), count((M + 15) / 16) {
+    if (M % 16) {
+      tail.assign(16 * K, 0);
+      std::memcpy(tail.data(), x + (count - 1) * 16 * K, (M % 16) * K * 2);
+    }
+  }
+  bool partial(int64_t mb) const { return mb == count - 1 && M % 16; }
+  const uint16_t* block(int64_t mb) const { return partial(mb) ? tail.data() : x + mb * 16 * K; }
+  int64_t rows(int64_t mb) const { return partial(mb) ? M % 16 : 16; }
+};
+
 // out = x @ w.T over 4-block groups of outputs (64 each), split across threads
 void amx(const uint16_t* w, const uint16_t* x, int64_t M, int64_t N, int64_t K, const float* bias,
          at::BFloat16* out) {
-  const int64_t Mb = (M + 15) / 16, Nb = N / kBlockN, groups = (Nb + 3) / 4;
-  // the last, partial block of rows is read from a zero-padded copy (a tile load reads all 16 rows)
-  std::vector<uint16_t> tail;
-  if (M % 16) {
-    tail.assign(16 * K, 0);
-    std::memcpy(tail.data(), x + (Mb - 1) * 16 * K, (M % 16) * K * 2);
-  }
+  const RowBlocks xb(x, M, K);
+  const int64_t Mb = xb.count, Nb = N / kBlockN, groups = (Nb + 3) / 4;
   at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
     load_config();
     alignas(64) float scratch[4 * 256];
@@ -114,9 +127,8 @@ void amx(const uint16_t* w, const uint16_t* x, int64_t M, int64_t N, int64_t K, 
       const uint16_t* wg = w + nb0 * kBlockN * K;
       const float* bg = bias ? bias + nb0 * kBlockN : nullptr;
       for (int64_t mb = c0; mb < std::min(Mb, c0 + kChunkBlocks); ++mb) {
-        const bool partial = mb == Mb - 1 && M % 16;
-        const uint16_t* a = partial ? tail.data() : x + mb * 16 * K;
-        const int64_t rows = partial ? M % 16 : 16;
+        const uint16_t* a = xb.block(mb);
+        const int64_t rows = xb.rows(mb);
         at::BFloat16* o = out + mb * 16 * N + nb0 * kBlockN;
         switch (nt) {
           case 4: amx_tile<4>(a, K, wg, K, rows, bg, o, N, scratch); break;
@@ -207,12 +219,8 @@ inline void int4_block(const uint16_t* const* a, int64_t K, const uint8_t* w, co
 template <typename S>
 void int4_amx(const uint16_t* x, int64_t M, int64_t N, int64_t K, const uint8_t* codes, const S* d, const S* m,
               at::BFloat16* out) {
-  const int64_t Mb = (M + 15) / 16, groups = K / kBlockK;
-  std::vector<uint16_t> tail;  // the last, partial block of rows, zero-padded (a tile load reads 16 rows)
-  if (M % 16) {
-    tail.assign(16 * K, 0);
-    std::memcpy(tail.data(), x + (Mb - 1) * 16 * K, (M % 16) * K * 2);
-  }
+  const RowBlocks xb(x, M, K);
+  const int64_t Mb = xb.count, groups = K / kBlockK;
   at::parallel_for(0, N / kBlockN, 1, [&](int64_t b0, int64_t b1) {
     load_config();
     alignas(64) float scratch[4 * 256];
@@ -229,9 +237,8 @@ void int4_amx(const uint16_t* x, int64_t M, int64_t N, int64_t K, const uint8_t*
           int64_t rows[4];
           at::BFloat16* o[4];
           for (int64_t j = 0; j < mt; ++j) {
-            const bool partial = mg + j == Mb - 1 && M % 16;
-            a[j] = partial ? tail.data() : x + (mg + j) * 16 * K;
-            rows[j] = partial ? M % 16 : 16;
+            a[j] = xb.block(mg + j);
+            rows[j] = xb.rows(mg + j);
             o[j] = out + (mg + j) * 16 * N + b * kBlockN;
           }
           const bool first = mg == c0;

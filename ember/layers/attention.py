@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ember.layers.batched_attention import (attend_batch, dequant_kv, gather_kv, has_decode_kernel, is_head_major,
-                                           plan_batch)
+from ember.layers.batched_attention import (attend_batch, dequant_kv, gather_kv, has_attention_kernel,
+                                           is_head_major, plan_batch)
 from ember.layers.invariant_attention import invariant_attention
 
 __all__ = ["AttentionBackend", "AttentionMetadata", "TorchAttentionBackend", "build_attention_metadata",
@@ -244,7 +244,7 @@ def _decode_kernel_args(q: torch.Tensor, kv_cache: torch.Tensor, md: AttentionMe
     False when it does not (the batched path then runs; it reaches the same attention kernel where it can)."""
     if md.is_deterministic or md.tree_mask is not None or md.slot_mapping.dtype != torch.int64:
         return False
-    if not has_decode_kernel(q, kv_cache, md.block_tables, md.seq_lens):
+    if not has_attention_kernel(q, kv_cache, md.block_tables, md.seq_lens):
         return False
     return md.block_tables, md.seq_lens
 

@@ -142,7 +142,7 @@ def attend_batch(q: torch.Tensor, kv_cache: torch.Tensor, plan: BatchPlan, scale
     qb = q if plan.query_index is None else q.index_select(0, plan.query_index)  # [B * Q, Hq, D]
     if fused and softcap is None and kv_scale is None:
         if plan.uses_kernel is None:  # the same for every layer of the step: decided once
-            plan.uses_kernel = has_decode_kernel(qb, kv_cache, plan.block_tables, plan.seq_lens)
+            plan.uses_kernel = has_attention_kernel(qb, kv_cache, plan.block_tables, plan.seq_lens)
         if plan.uses_kernel and nq == 1:
             return torch.ops.ember_cpu.decode_attention(qb.contiguous(), kv_cache, plan.block_tables, plan.seq_lens,
                                                         scale, plan.window or 0)
@@ -164,10 +164,11 @@ def attend_batch(q: torch.Tensor, kv_cache: torch.Tensor, plan: BatchPlan, scale
     return _attend_matmuls(qb, kv, plan, scale, softcap, num_seqs, nq)
 
 
-def has_decode_kernel(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+def has_attention_kernel(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                       seq_lens: torch.Tensor | None) -> bool:
-    """Whether `ember_cpu::decode_attention` takes q [B, Hq, D] over this cache, block tables [B, nblk] and
-    KV lengths [B] (CPU, bf16/fp32, the shapes and index dtypes it handles)."""
+    """Whether ember's C++ attention (`ember_cpu::decode_attention`, and `masked_attention` for several query
+    slots per sequence) takes q [B * Q, Hq, D] over this cache, block tables [B, nblk] and KV lengths [B]
+    (CPU, bf16/fp32, the shapes and index dtypes it handles)."""
     if q.device.type != "cpu" or q.dtype not in (torch.bfloat16, torch.float32) or kv_cache.dtype != q.dtype:
         return False
     if q.shape[-1] % 16 or q.shape[-1] > 256 or q.shape[1] // kv_cache.shape[3] > 8:

@@ -83,11 +83,6 @@ def tile_bf16(weight: torch.Tensor) -> torch.Tensor:
     return weight.detach().reshape(n // 16, 16, k // 32, 16, 2).permute(0, 2, 3, 1, 4).contiguous().view(n, k)
 
 
-def _amx_layer(layer: Linear, weight: torch.Tensor) -> None:
-    layer.weight = nn.Parameter(tile_bf16(weight), requires_grad=False)
-    layer.quant_method = AMXMethod()
-
-
 def _packed(weight: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 1), requires_grad=False)
 
@@ -150,7 +145,8 @@ def _q8_head(weight: torch.Tensor) -> Linear | None:
 def _relay(layer: Linear, weight: torch.Tensor) -> bool:
     """Give `layer` `weight` in the layout of the fastest bf16 CPU kernel that takes it; False if none does."""
     if can_tile(weight):
-        _amx_layer(layer, weight)
+        layer.weight = nn.Parameter(tile_bf16(weight), requires_grad=False)
+        layer.quant_method = AMXMethod()
     elif can_pack(weight.device, weight.dtype):
         layer.weight = _packed(weight)
         layer.quant_method = PackedCPUMethod()
